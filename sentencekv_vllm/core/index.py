@@ -1,0 +1,138 @@
+"""The sentence index of one request in one layer: spans, per-KV-head semantic vectors, SnapKV retention.
+
+Shapes: ``T`` tokens, ``S`` sentences, ``Hq`` query heads, ``Hk`` KV heads, ``D`` head dim, ``G = Hq // Hk``.
+All functions are pure torch and run on whatever device the tensors are on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def token_to_span(spans: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``[T]`` index of the span holding each token (spans cover ``[0, n_tokens)`` contiguously)."""
+    pos = torch.arange(n_tokens, device=spans.device)
+    return torch.searchsorted(spans[:, 1].contiguous(), pos, right=True)
+
+
+def snapkv_importance(obs_queries: torch.Tensor, keys: torch.Tensor, pool_kernel: int = 7) -> torch.Tensor:
+    """SnapKV token importance per KV head.
+
+    obs_queries: ``[W, Hq, D]`` post-RoPE queries of the last ``W`` prompt tokens.
+    keys: ``[T, Hk, D]`` post-RoPE keys of the prompt.
+    Returns ``[Hk, T]``: attention of the window queries (causal, softmax over keys) summed over the window,
+    averaged over each KV head's query group, then average-pooled along tokens. Window tokens get ``+inf``
+    (SnapKV always keeps the observation window).
+    """
+    w, hq, d = obs_queries.shape
+    t, hk, _ = keys.shape
+    g = hq // hk
+    q = obs_queries.float().view(w, hk, g, d)
+    k = keys.float()
+    logits = torch.einsum("whgd,thd->hgwt", q, k) / d ** 0.5            # [Hk, G, W, T]
+    q_pos = torch.arange(t - w, t, device=keys.device)
+    causal = torch.arange(t, device=keys.device)[None, :] > q_pos[:, None]  # [W, T] future keys
+    logits = logits.masked_fill(causal, float("-inf"))
+    attn = logits.softmax(dim=-1).sum(dim=2).mean(dim=1)                  # [Hk, T]
+    pooled = F.avg_pool1d(attn[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2,
+                          count_include_pad=False)[:, 0]
+    pooled[:, t - w:] = float("inf")
+    return pooled
+
+
+def retention_mask(importance: torch.Tensor, keep: int) -> torch.Tensor:
+    """``[Hk, T]`` bool: the ``keep`` most important tokens per KV head (all tokens if ``keep >= T``)."""
+    hk, t = importance.shape
+    if keep >= t:
+        return torch.ones(hk, t, dtype=torch.bool, device=importance.device)
+    top = importance.topk(keep, dim=-1).indices
+    return torch.zeros(hk, t, dtype=torch.bool, device=importance.device).scatter_(1, top, True)
+
+
+def sentence_centroids(keys: torch.Tensor, spans: torch.Tensor, retained: torch.Tensor | None = None,
+                       keep_unretained: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean post-RoPE key of the retained tokens of each sentence, per KV head.
+
+    keys ``[T, Hk, D]``, spans ``[S, 2]``, retained ``[Hk, T]`` bool or None (= all tokens).
+    Returns (centroids ``[S, Hk, D]`` float32, valid ``[S, Hk]`` bool). A sentence with no retained token in a
+    head falls back to the mean of all its keys (``keep_unretained``) or is marked invalid.
+    """
+    t, hk, d = keys.shape
+    sid = token_to_span(spans, t)
+    k = keys.float()
+    all_sum = torch.zeros(len(spans), hk, d, device=keys.device).index_add_(0, sid, k)
+    all_cnt = (spans[:, 1] - spans[:, 0]).clamp_min(1).to(k.dtype)[:, None]
+    mean_all = all_sum / all_cnt[..., None]
+    if retained is None:
+        return mean_all, torch.ones(len(spans), hk, dtype=torch.bool, device=keys.device)
+    m = retained.T.to(k.dtype)                                            # [T, Hk]
+    r_sum = torch.zeros_like(all_sum).index_add_(0, sid, k * m[..., None])
+    r_cnt = torch.zeros(len(spans), hk, device=keys.device).index_add_(0, sid, m)
+    has = r_cnt > 0
+    cent = torch.where(has[..., None], r_sum / r_cnt.clamp_min(1)[..., None], mean_all)
+    valid = torch.ones_like(has) if keep_unretained else has
+    return cent, valid
+
+
+def page_bounds(keys: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest page metadata: per span and KV head the element-wise min and max key, each ``[S, Hk, D]``."""
+    t, hk, d = keys.shape
+    sid = token_to_span(spans, t)[:, None, None].expand(t, hk, d)
+    k = keys.float()
+    kmin = torch.full((len(spans), hk, d), float("inf"), device=keys.device).scatter_reduce_(0, sid, k, "amin")
+    kmax = torch.full((len(spans), hk, d), float("-inf"), device=keys.device).scatter_reduce_(0, sid, k, "amax")
+    return kmin, kmax
+
+
+@dataclass
+class SentenceIndex:
+    """Index of one request in one layer (the engine keeps the same data in pooled tensors).
+
+    spans ``[S, 2]``; centroids ``[S, Hk, D]``; valid ``[S, Hk]``.
+    """
+
+    spans: torch.Tensor
+    centroids: torch.Tensor
+    valid: torch.Tensor
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, obs_queries: torch.Tensor | None, spans: torch.Tensor,
+              semantic_budget: int, pool_kernel: int = 7, keep_unretained: bool = True) -> "SentenceIndex":
+        """Batch build after the exact prefill (obs_queries None -> no retention, all tokens count)."""
+        retained = None
+        if obs_queries is not None:
+            retained = retention_mask(snapkv_importance(obs_queries, keys, pool_kernel), semantic_budget)
+        cent, valid = sentence_centroids(keys, spans, retained, keep_unretained)
+        return cls(spans.clone(), cent, valid)
+
+    def append(self, start: int, end: int, centroid: torch.Tensor) -> None:
+        """Add a generated sentence ``[start, end)`` with its centroid ``[Hk, D]``."""
+        span = torch.tensor([[start, end]], dtype=self.spans.dtype, device=self.spans.device)
+        self.spans = torch.cat([self.spans, span])
+        self.centroids = torch.cat([self.centroids, centroid.float()[None]])
+        self.valid = torch.cat([self.valid, self.valid.new_ones(1, self.valid.shape[1])])
+
+
+class RunningMean:
+    """Running sum of per-token vectors of the open sentence (keys for centroids, queries for the decode query).
+
+    The engine keeps one per request and layer as rows of a pooled tensor; this class is its reference.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def push(self, x: torch.Tensor) -> None:
+        self.total = x.float().clone() if self.total is None else self.total + x.float()
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        assert self.total is not None, "empty sentence"
+        return self.total / self.count
+
+    def reset(self) -> None:
+        self.total, self.count = None, 0

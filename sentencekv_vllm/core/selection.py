@@ -1,0 +1,153 @@
+"""Selection policies: which tokens each KV head of each request attends to at a decode step.
+
+Batched over ``R`` requests (padded). Every policy only *scores* units (sentences or pages); one shared
+budget filler (``fill_budget``) turns scores into a token mask, the way kvpress separates scoring from mechanics:
+
+    scores ``[R, Hk, S]``  --fill_budget-->  allowed tokens per unit ``[R, Hk, S]``  --token_mask-->  ``[R, Hk, T]``
+
+Sinks (first ``sinks`` tokens) and the recent window (last ``recent`` tokens) are always in. Units are clipped to
+the middle region ``[sinks, L - recent)`` so no token is counted twice; the last unit taken is truncated to fit,
+so a step attends to exactly ``min(budget, L)`` tokens per KV head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+NEG_INF = float("-inf")
+PAD_POS = 2**31 - 1
+
+
+@dataclass
+class SelectionBatch:
+    """Per-step inputs shared by all layers.
+
+    starts / ends: ``[R, S]`` unit spans, sorted; padding entries have ``start == end >= seq_len`` (use
+    ``PAD_POS``) so ``ends`` stays sorted; seq_lens ``[R]`` context incl. current token;
+    budget ``[R]``; sinks / recent: ``[R]`` or int.
+    """
+
+    starts: torch.Tensor
+    ends: torch.Tensor
+    seq_lens: torch.Tensor
+    budget: torch.Tensor
+    sinks: torch.Tensor
+    recent: torch.Tensor
+
+    @classmethod
+    def make(cls, starts: torch.Tensor, ends: torch.Tensor, seq_lens: torch.Tensor, budget: torch.Tensor | int,
+             sinks: int | torch.Tensor, recent: int | torch.Tensor) -> "SelectionBatch":
+        r = seq_lens.shape[0]
+
+        def vec(x: int | torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(x, dtype=torch.long, device=seq_lens.device).expand(r).clone()
+
+        return cls(starts.long(), ends.long(), seq_lens.long(), vec(budget), vec(sinks), vec(recent))
+
+    def clipped(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit spans clipped to the middle region ``[sinks, L - recent)``; returns (start, length) ``[R, S]``."""
+        lo = self.sinks[:, None]
+        hi = (self.seq_lens - self.recent)[:, None]
+        cs = self.starts.clamp(min=lo).minimum(hi)
+        ce = self.ends.clamp(max=hi).maximum(cs)
+        return cs, ce - cs
+
+
+def fill_budget(scores: torch.Tensor, lengths: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """Take units in descending score order until ``room`` tokens are used; the last unit is truncated.
+
+    scores ``[R, Hk, S]`` (``-inf`` = never take); lengths ``[R, S]``; room ``[R]``.
+    Returns allowed token counts ``[R, Hk, S]`` (a prefix of each unit).
+    """
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    lens = lengths[:, None, :].expand_as(scores)
+    sorted_lens = lens.gather(-1, order)
+    sorted_ok = scores.gather(-1, order) > NEG_INF
+    sorted_lens = sorted_lens * sorted_ok
+    before = sorted_lens.cumsum(-1) - sorted_lens
+    allowed_sorted = (room[:, None, None] - before).clamp(min=0).minimum(sorted_lens)
+    return torch.zeros_like(allowed_sorted).scatter_(-1, order, allowed_sorted)
+
+
+def token_mask(batch: SelectionBatch, allowed: torch.Tensor, max_len: int | None = None) -> torch.Tensor:
+    """``[R, Hk, T]`` bool: sinks + recent + the allowed prefix of each unit's clipped span."""
+    r, hk, s = allowed.shape
+    t_max = int(batch.seq_lens.max()) if max_len is None else max_len
+    pos = torch.arange(t_max, device=allowed.device)
+    cs, _ = batch.clipped()
+    # unit of each position: spans are sorted and contiguous per row
+    uid = torch.searchsorted(batch.ends.contiguous(), pos[None, :].expand(r, t_max).contiguous(), right=True)
+    uid = uid.clamp(max=s - 1)
+    start_of = cs.gather(1, uid)                                            # [R, T]
+    allow_of = allowed.gather(2, uid[:, None, :].expand(r, hk, t_max))     # [R, Hk, T]
+    in_unit = (pos[None, :] >= start_of)[:, None, :] & ((pos[None, :] - start_of)[:, None, :] < allow_of)
+    L = batch.seq_lens[:, None]
+    fixed = (pos[None, :] < batch.sinks[:, None]) | (pos[None, :] >= L - batch.recent[:, None])
+    return (in_unit | fixed[:, None, :]) & (pos[None, :] < L)[:, None, :]
+
+
+ScoreFn = Callable[[torch.Tensor, "UnitFeatures"], torch.Tensor]
+
+
+@dataclass
+class UnitFeatures:
+    """Per-unit features, padded to ``[R, S, Hk, D]``; ``valid`` ``[R, S, Hk]`` masks padding/discarded units.
+
+    sentencekv uses ``a`` = centroids; quest uses ``a`` = page min key, ``b`` = page max key.
+    """
+
+    a: torch.Tensor
+    valid: torch.Tensor
+    b: torch.Tensor | None = None
+
+
+def group_mean_query(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[R, Hq, D]`` -> ``[R, Hk, D]``: GQA-native selection scores a KV head with its group's mean query."""
+    r, hq, d = query.shape
+    return query.float().view(r, num_kv_heads, hq // num_kv_heads, d).mean(2)
+
+
+def score_sentencekv(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
+    """Dot product of the (mean current-sentence) query with sentence centroids. ``[R, Hk, D]`` -> ``[R, Hk, S]``."""
+    scores = torch.einsum("rhd,rshd->rhs", query.float(), feats.a.float())
+    return scores.masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
+
+
+def score_quest(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
+    """Quest upper bound of q·k over a page: ``sum_d max(q_d * min_d, q_d * max_d)``."""
+    assert feats.b is not None, "quest needs min and max page keys"
+    q = query.float()[:, None]                                              # [R, 1, Hk, D]
+    bound = torch.maximum(q * feats.a.float(), q * feats.b.float()).sum(-1)  # [R, S, Hk]
+    return bound.transpose(1, 2).masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
+
+
+def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
+           batch: SelectionBatch) -> torch.Tensor:
+    """Token mask ``[R, Hk, T]`` for one layer.
+
+    policy: ``sentencekv`` / ``quest`` score units with the query; ``streaming`` keeps sinks + the most recent
+    ``budget - sinks`` tokens; ``full`` keeps everything.
+    """
+    r = batch.seq_lens.shape[0]
+    if policy == "full":
+        hk = 1 if query is None else query.shape[1]
+        big = SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.seq_lens, batch.seq_lens * 0,
+                             batch.seq_lens)
+        return token_mask(big, torch.zeros(r, hk, batch.starts.shape[1], dtype=torch.long,
+                                           device=batch.seq_lens.device))
+    if policy == "streaming":
+        hk = 1 if query is None else query.shape[1]
+        stream = SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.budget, batch.sinks,
+                                (batch.budget - batch.sinks))
+        return token_mask(stream, torch.zeros(r, hk, batch.starts.shape[1], dtype=torch.long,
+                                              device=batch.seq_lens.device))
+    assert query is not None and feats is not None
+    score_fn: ScoreFn = {"sentencekv": score_sentencekv, "quest": score_quest}[policy]
+    scores = score_fn(query, feats)
+    _, lengths = batch.clipped()
+    scores = scores.masked_fill((lengths == 0)[:, None, :], NEG_INF)
+    room = (batch.budget - batch.sinks - batch.recent).clamp(min=0)
+    return token_mask(batch, fill_budget(scores, lengths, room))
