@@ -201,3 +201,35 @@ def spans_from_ends(ends: Sequence[int]) -> torch.Tensor:
     ends_t = torch.as_tensor(list(ends), dtype=torch.long)
     starts = torch.cat([ends_t.new_zeros(1), ends_t[:-1]]) if len(ends_t) else ends_t
     return torch.stack([starts, ends_t], dim=1) if len(ends_t) else torch.zeros(0, 2, dtype=torch.long)
+
+
+class FixedLengthSegmenter:
+    """Pages of ``size`` tokens (the ``quest`` baseline); same interface as :class:`PunctSegmenter`."""
+
+    def __init__(self, size: int) -> None:
+        self.rule = LengthRule(min_len=size, max_len=size)
+
+    def segment(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
+        return self.rule.apply(len(ids), [])
+
+    def stream(self, start: int = 0) -> "FixedLengthStream":
+        return FixedLengthStream(self.rule.max_len, start)
+
+
+class FixedLengthStream:
+    def __init__(self, size: int, start: int = 0) -> None:
+        self.size, self.start, self.n = size, start, start
+
+    def push(self, token_id: int) -> list[int]:
+        ends = []
+        if self.n - self.start >= self.size:
+            self.start = self.n
+            ends.append(self.n)
+        self.n += 1
+        return ends
+
+    def finish(self) -> list[int]:
+        if self.n > self.start:
+            self.start = self.n
+            return [self.n]
+        return []

@@ -1,0 +1,88 @@
+"""Every touch of a private vLLM 0.32 API lives here, so a vLLM upgrade is reviewed in one file.
+
+Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``), its
+``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, and the CPU attention custom ops
+(``cpu_attn_get_scheduler_metadata``, ``cpu_attention_with_kv_cache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RowInfo:
+    """What the planner needs to know about batch row ``i`` (row order == attention metadata row order)."""
+
+    req_id: str
+    prompt_len: int
+    token_ids: np.ndarray       # view of all known token ids of the request (prompt + generated so far)
+    extra_args: dict[str, Any] | None
+
+
+def runner_rows(runner: Any, num_reqs: int) -> list[RowInfo]:
+    batch = runner.input_batch
+    if not hasattr(batch, "req_ids"):
+        raise RuntimeError("SentenceKV needs vLLM's V1 model runner; set VLLM_USE_V2_MODEL_RUNNER=0")
+    rows = []
+    for i, req_id in enumerate(batch.req_ids[:num_reqs]):
+        state = runner.requests.get(req_id)
+        sp = getattr(state, "sampling_params", None)
+        rows.append(RowInfo(
+            req_id=req_id,
+            prompt_len=int(batch.num_prompt_tokens[i]),
+            token_ids=batch.token_ids_cpu[i],
+            extra_args=getattr(sp, "extra_args", None),
+        ))
+    return rows
+
+
+def on_request_removed(runner: Any, callback: Callable[[str], None]) -> None:
+    """Call ``callback(req_id)`` when the runner drops a finished or aborted request."""
+    original = runner._on_request_state_removed
+
+    def hook(req_id: str, req_state: Any) -> None:
+        callback(req_id)
+        original(req_id, req_state)
+
+    runner._on_request_state_removed = hook
+
+
+def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor) -> torch.Tensor:
+    """CPU attention work partition for a (sub-)batch; must be rebuilt whenever ``seq_lens`` change."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs, num_heads=builder.num_heads, num_kv_heads=builder.num_kv_heads,
+        head_dim=builder.head_dim, seq_lens=seq_lens, dtype=builder.dtype, query_start_loc=query_start_loc,
+        causal=True, sliding_window_size=builder.window_size, isa=builder.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=builder.kv_cache_dtype)
+
+
+def cpu_attention(impl: Any, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                  scheduler_metadata: torch.Tensor) -> None:
+    """Stock CPU paged attention on a (sub-)batch, exactly as ``CPUAttentionBackendImpl.forward`` calls it."""
+    from vllm import _custom_ops as ops
+
+    n, hk, bs, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(n, hk, bs * 2, -1).chunk(2, dim=2)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=impl.scale, causal=True,
+        alibi_slopes=impl.alibi_slopes, sliding_window=impl.sliding_window, block_table=block_table,
+        softcap=impl.logits_soft_cap, scheduler_metadata=scheduler_metadata, s_aux=impl.sinks,
+        dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+        kv_cache_dtype=impl.kv_cache_dtype)
+
+
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)

@@ -1,0 +1,70 @@
+"""Reading K/V of chosen tokens out of a backend's paged cache, whatever its block interior looks like.
+
+CPU_ATTN stores K transposed inside a block for some ISAs and token-major for others; FlashAttention interleaves
+K|V per token. Instead of hard-coding each layout, :meth:`BlockLayout.probe` asks the backend's own
+``do_kv_cache_update`` to write coded keys/values into a one-block scratch cache and reads back where every
+(token, head, dim) element landed. Codes are small integers (one base-16 digit per pass), exact in fp32/fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class BlockLayout:
+    """Flat offsets inside one block (``cache.view(num_blocks, -1)[b]``) of K and V: ``[block, Hk, D]`` each."""
+
+    k_off: torch.Tensor
+    v_off: torch.Tensor
+    block_size: int
+
+    @classmethod
+    def probe(cls, write: WriteFn, block_shape: tuple[int, ...], block_size: int, num_kv_heads: int,
+              head_dim: int, dtype: torch.dtype, device: torch.device) -> "BlockLayout":
+        """``write(key, value, cache, slot_mapping)`` must store tokens like the backend does."""
+        n = block_size * num_kv_heads * head_dim
+        ids = torch.arange(n, device=device).view(block_size, num_kv_heads, head_dim)
+        slots = torch.arange(block_size, device=device, dtype=torch.long)
+        zeros = torch.zeros(block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+        def locate(which: str) -> torch.Tensor:
+            found = None
+            for j in range(max(1, math.ceil(math.log(n, 16)))):
+                code = ((ids >> (4 * j)) & 15).to(dtype) + 1
+                cache = torch.zeros((1, *block_shape), dtype=dtype, device=device)
+                key, value = (code, zeros) if which == "k" else (zeros, code)
+                write(key.contiguous(), value.contiguous(), cache, slots)
+                flat = cache.view(-1).float()
+                pos = torch.nonzero(flat).flatten()
+                if found is None:
+                    found, digits = pos, torch.zeros_like(pos)
+                if not torch.equal(pos, found) or pos.numel() != n:
+                    raise RuntimeError(f"cannot probe the KV cache layout ({which}: {pos.numel()} of {n} written)")
+                digits += (flat[pos].long() - 1) << (4 * j)
+            off = torch.empty(n, dtype=torch.long, device=device)
+            off[digits] = found
+            return off.view(block_size, num_kv_heads, head_dim)
+
+        return cls(locate("k"), locate("v"), block_size)
+
+    def gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[R, Hk, W, D]`` of token ``positions[r, h, w]`` of each row, per KV head.
+
+        block_table ``[R, max_blocks]`` (physical block of each logical block of the row).
+        """
+        r, hk, w = positions.shape
+        flat = kv_cache.view(kv_cache.shape[0], -1)
+        blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w, 1)
+        heads = torch.arange(hk, device=positions.device).view(1, hk, 1)
+        off = positions % self.block_size
+        k = flat[blocks, self.k_off[off, heads]]
+        v = flat[blocks, self.v_off[off, heads]]
+        return k, v

@@ -1,0 +1,76 @@
+"""Worker-side Prometheus series (prometheus-client).
+
+They reach vLLM's ``/metrics`` when the server runs with ``PROMETHEUS_MULTIPROC_DIR`` set (vLLM then serves a
+``MultiProcessCollector`` over every process's files); without it they stay in the worker and cost next to
+nothing. Names are documented in the README.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_M: dict[str, Any] | None = None
+ATTENDED_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 4096, 8192, 16384, 32768)
+
+
+def _metrics() -> dict[str, Any] | None:
+    global _M
+    if _M is None:
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            _M = {}
+            return None
+        from prometheus_client import Counter, Gauge, Histogram
+
+        _M = {
+            "attended": Histogram("sentencekv_attended_tokens", "Tokens attended per KV head by a sparse decode "
+                                  "row (max over heads), layer 0", buckets=ATTENDED_BUCKETS),
+            "attended_max": Gauge("sentencekv_attended_tokens_max", "Largest number of tokens a sparse decode row "
+                                  "attended to since start", multiprocess_mode="max"),
+            "sparse_rows": Counter("sentencekv_sparse_decode_rows", "Decode rows served by sparse attention"),
+            "dense_rows": Counter("sentencekv_dense_decode_rows", "Decode rows served by the stock kernel"),
+            "sentences": Histogram("sentencekv_prompt_sentences", "Sentences (units) per prompt",
+                                   buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)),
+            "segment_s": Histogram("sentencekv_segmentation_seconds", "Prompt segmentation time"),
+            "select_s": Counter("sentencekv_selection_seconds", "Time spent in selection + gather (all layers)"),
+            "budget": Gauge("sentencekv_budget_tokens", "Server token budget", multiprocess_mode="max"),
+            "units": Gauge("sentencekv_live_units", "Sentence units held by live requests",
+                           multiprocess_mode="livesum"),
+            "requests": Gauge("sentencekv_live_requests", "Requests with SentenceKV state",
+                              multiprocess_mode="livesum"),
+        }
+    return _M or None
+
+
+def observe_step(plan: Any) -> None:
+    m = _metrics()
+    if not m:
+        return
+    from sentencekv_vllm.integration.state import STATE
+
+    sparse = plan.stats.get("sparse_rows", 0)
+    m["sparse_rows"].inc(sparse)
+    if plan.book is not None:
+        m["dense_rows"].inc(max(0, len(plan.book.tok) - sparse))
+    m["budget"].set(STATE.cfg.budget)
+    m["requests"].set(len(STATE.requests))
+    if STATE.store is not None:
+        m["units"].set(STATE.store.capacity - len(STATE.store.free_units))
+
+
+def observe_segmentation(seconds: float, n_units: int) -> None:
+    m = _metrics()
+    if m:
+        m["segment_s"].observe(seconds)
+        m["sentences"].observe(n_units)
+
+
+def observe_attended(counts: list[int], select_seconds: float) -> None:
+    m = _metrics()
+    if not m:
+        return
+    for c in counts:
+        m["attended"].observe(c)
+    if counts:
+        m["attended_max"].set(max(max(counts), m["attended_max"]._value.get()))
+    m["select_s"].inc(select_seconds)

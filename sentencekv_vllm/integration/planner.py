@@ -1,0 +1,237 @@
+"""Per-step planning, run once per step by the metadata builder (Python over rows, never over tokens).
+
+It turns the scheduler's batch into a :class:`StepPlan` of small tensors that every layer's forward reuses:
+which prompt queries to keep for SnapKV, which requests finish their prefill (index build), the decode
+bookkeeping (running query/key sums, sentences that close), and which decode rows attend sparsely, grouped by
+policy. Rows whose context fits the budget (or policy ``full``) stay on the stock kernel.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sentencekv_vllm.core.segmentation import spans_from_ends
+from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch
+from sentencekv_vllm.integration import metrics
+from sentencekv_vllm.integration.compat import RowInfo, runner_rows
+from sentencekv_vllm.integration.state import STATE, RequestState, new_stream
+
+
+@dataclass
+class ObsCopy:
+    req: RequestState
+    src: torch.Tensor          # flat token indices in this step's batch
+    dst_lo: int                # first window index written
+
+
+@dataclass
+class Finalize:
+    """Build the prompt index of one request in every layer (its last prefill chunk runs this step)."""
+
+    req: RequestState
+    block_row: torch.Tensor    # [1, max_blocks]
+    spans: torch.Tensor        # [S, 2]
+    unit_slots: torch.Tensor   # [S]
+
+
+@dataclass
+class DecodeBook:
+    """Running sums of the open sentence, for every indexed decode row."""
+
+    tok: torch.Tensor          # [Rd] flat token index
+    slot: torch.Tensor         # [Rd] request slot
+    reset: torch.Tensor        # [Rd] bool: this token starts a new sentence
+    close_rows: torch.Tensor   # [Rc] index into Rd: the sentence before this token closes
+    close_units: torch.Tensor  # [Rc] unit slot receiving its centroid
+    close_count: torch.Tensor  # [Rc] float, tokens in the closed sentence
+
+
+@dataclass
+class SparseGroup:
+    policy: str
+    tok: torch.Tensor          # [Rs]
+    slot: torch.Tensor         # [Rs]
+    q_count: torch.Tensor      # [Rs] float, tokens in the open sentence incl. this one
+    batch: SelectionBatch
+    unit_slots: torch.Tensor   # [Rs, S]
+    unit_valid: torch.Tensor   # [Rs, S]
+    block_table: torch.Tensor  # [Rs, max_blocks]
+    width: int
+
+
+@dataclass
+class DenseSubset:
+    tok: torch.Tensor
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    scheduler_metadata: torch.Tensor
+
+
+@dataclass
+class StepPlan:
+    obs: list[ObsCopy] = field(default_factory=list)
+    finalize: list[Finalize] = field(default_factory=list)
+    book: DecodeBook | None = None
+    sparse: list[SparseGroup] = field(default_factory=list)
+    dense: DenseSubset | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def unit_kind() -> str:
+    return "pages" if STATE.cfg.policy == "quest" else STATE.cfg.segmentation
+
+
+def plan_step(builder: Any, cm: Any) -> StepPlan:
+    t0 = time.perf_counter()
+    num_reqs = cm.num_reqs
+    STATE.ensure_store(_num_layers(), builder.num_kv_heads, builder.num_heads, builder.head_dim, cm.seq_lens.device)
+    qsl = cm.query_start_loc_cpu.tolist()
+    seq_lens = cm.seq_lens.cpu().tolist()
+    plan = StepPlan()
+    book: dict[str, list] = {k: [] for k in ("tok", "slot", "reset", "close_rows", "close_units", "close_count")}
+    sparse_rows: dict[str, list[tuple[int, RequestState, int, int]]] = {}
+    dense_rows: list[int] = []
+    for i, row in enumerate(runner_rows(STATE.runner, num_reqs)):
+        q0, q1, total = qsl[i], qsl[i + 1], seq_lens[i]
+        ctx = total - (q1 - q0)
+        req = _request_for(row, ctx)
+        req.seen = total
+        if ctx < row.prompt_len:
+            _plan_prefill(plan, req, row, i, q0, ctx, total, cm)
+            dense_rows.append(i)
+        elif q1 - q0 == 1 and req.indexed:
+            n_sent = _plan_decode(book, req, row, q0, total)
+            policy = req.cfg.policy
+            if policy != "full" and total > req.cfg.budget:
+                sparse_rows.setdefault(policy, []).append((i, req, q0, n_sent))
+            else:
+                dense_rows.append(i)
+        else:
+            dense_rows.append(i)
+    plan.book = _book_tensors(book) if book["tok"] else None
+    if sparse_rows:
+        plan.sparse = [_sparse_group(p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
+        plan.dense = _dense_subset(builder, dense_rows, qsl, cm) if dense_rows else None
+    plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
+    metrics.observe_step(plan)
+    return plan
+
+
+def _num_layers() -> int:
+    mc = STATE.vllm_config.model_config
+    return mc.get_num_layers(STATE.vllm_config.parallel_config)
+
+
+def _request_for(row: RowInfo, ctx: int) -> RequestState:
+    """Known request continuing where it stopped, or a new / resumed-after-preemption one (state rebuilt)."""
+    req = STATE.requests.get(row.req_id)
+    if req is None or req.seen != ctx:
+        req = STATE.new_request(row.req_id, row.extra_args, row.prompt_len, start=ctx)
+    elif req.indexed and req.obs is not None:
+        req.obs = None        # the index was built by the previous step's forward
+    return req
+
+
+def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: int, ctx: int, total: int,
+                  cm: Any) -> None:
+    p = row.prompt_len
+    store = STATE.store
+    assert store is not None
+    n_layers, _, n_heads, head_dim = store.dims
+    w = min(req.cfg.obs_window, p)
+    if req.obs is None:
+        req.obs = torch.zeros(n_layers, w, n_heads, head_dim, dtype=torch.float32, device=store.device)
+    lo, hi = max(ctx, p - w), min(total, p)
+    if hi > lo:
+        plan.obs.append(ObsCopy(req, torch.arange(q0 + lo - ctx, q0 + hi - ctx), lo - (p - w)))
+        req.obs_lo = lo - (p - w) if req.obs_lo is None else min(req.obs_lo, lo - (p - w))
+    if total < p:
+        return
+    segmenter = STATE.segmenter(unit_kind())
+    prompt_ids = row.token_ids[:p]
+    t0 = time.perf_counter()
+    spans = spans_from_ends(segmenter.segment(prompt_ids.tolist()))
+    metrics.observe_segmentation(time.perf_counter() - t0, len(spans))
+    slots = store.alloc_units(len(spans))
+    req.add_units([tuple(s) for s in spans.tolist()], slots)
+    req.indexed = True
+    req.stream = new_stream(req, segmenter, int(prompt_ids[-1]))
+    req.open_start = p
+    plan.finalize.append(Finalize(req, cm.block_table_tensor[i:i + 1], spans.to(store.device),
+                                  torch.tensor(slots, device=store.device)))
+
+
+def _plan_decode(book: dict[str, list], req: RequestState, row: RowInfo, q0: int, total: int) -> int:
+    """Feed the current token to the segmenter; returns the number of closed units after this step."""
+    pos = total - 1
+    ends = req.stream.push(int(row.token_ids[pos]))
+    if ends:
+        end = ends[-1]
+        assert end == pos, f"sentence end {end} must be the current position {pos}"
+        unit = STATE.store.alloc_units(1)[0]
+        book["close_rows"].append(len(book["tok"]))
+        book["close_units"].append(unit)
+        book["close_count"].append(float(end - req.open_start))
+        req.add_units([(req.open_start, end)], [unit])
+        req.open_start = end
+    book["tok"].append(q0)
+    book["slot"].append(req.slot)
+    book["reset"].append(pos == req.open_start)
+    return len(req.units)
+
+
+def _book_tensors(book: dict[str, list]) -> DecodeBook:
+    dev = STATE.store.device
+    return DecodeBook(
+        tok=torch.tensor(book["tok"], device=dev), slot=torch.tensor(book["slot"], device=dev),
+        reset=torch.tensor(book["reset"], device=dev), close_rows=torch.tensor(book["close_rows"], device=dev,
+                                                                              dtype=torch.long),
+        close_units=torch.tensor(book["close_units"], device=dev, dtype=torch.long),
+        close_count=torch.tensor(book["close_count"], device=dev, dtype=torch.float32))
+
+
+def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], seq_lens: list[int],
+                  cm: Any) -> SparseGroup:
+    dev = STATE.store.device
+    n_units = max(1, max(n for *_, n in rows))
+    r = len(rows)
+    starts = torch.full((r, n_units), PAD_POS, dtype=torch.long)
+    ends = starts.clone()
+    slots = torch.zeros(r, n_units, dtype=torch.long)
+    valid = torch.zeros(r, n_units, dtype=torch.bool)
+    for j, (_, req, _, n) in enumerate(rows):
+        s, e, u = req.unit_tensors()
+        starts[j, :n], ends[j, :n], slots[j, :n], valid[j, :n] = s, e, u, True
+    idx = [i for i, *_ in rows]
+    totals = torch.tensor([seq_lens[i] for i in idx])
+    budgets = torch.tensor([req.cfg.budget for _, req, *_ in rows])
+    open_starts = torch.tensor([req.open_start for _, req, *_ in rows])
+    cfg = STATE.cfg
+    batch = SelectionBatch.make(starts.to(dev), ends.to(dev), totals.to(dev), budgets.to(dev), cfg.sinks,
+                                cfg.recent)
+    return SparseGroup(
+        policy=policy, tok=torch.tensor([q0 for _, _, q0, _ in rows], device=dev),
+        slot=torch.tensor([req.slot for _, req, *_ in rows], device=dev),
+        q_count=(totals - open_starts).float().to(dev), batch=batch, unit_slots=slots.to(dev),
+        unit_valid=valid.to(dev), block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
+        width=int(min(budgets.max(), totals.max())))
+
+
+def _dense_subset(builder: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:
+    from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
+
+    dev = cm.seq_lens.device
+    tok = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in rows]).to(dev)
+    lens = torch.tensor([qsl[i + 1] - qsl[i] for i in rows])
+    sub_qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    sub_qsl[1:] = lens.cumsum(0)
+    idx = torch.tensor(rows, device=dev)
+    seq = cm.seq_lens[idx]
+    sub_qsl = sub_qsl.to(dev)
+    return DenseSubset(tok=tok, query_start_loc=sub_qsl, seq_lens=seq, block_table=cm.block_table_tensor[idx],
+                       scheduler_metadata=cpu_scheduler_metadata(builder, len(rows), seq, sub_qsl))

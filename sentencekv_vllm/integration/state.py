@@ -1,0 +1,211 @@
+"""Per-worker SentenceKV state: requests, and the pooled tensors that hold every request's index.
+
+Layout of the pools (``L`` layers, ``Hk``/``Hq`` KV/query heads, ``D`` head dim), all on the model's device:
+
+* unit pool, ``[L, P, Hk, D]``: one row per sentence (or Quest page) of every live request. ``feat_a`` holds the
+  centroid (Quest: min key), ``feat_b`` the Quest max key, ``valid`` ``[L, P, Hk]`` whether a head may select it.
+  A request owns a list of unit slots, like a block table; slots return to a free list on finish/abort.
+* running sums, ``[L, max_num_seqs, H, D]``: per request slot, the sum of the open sentence's queries (decode
+  query) and keys (its centroid once it closes).
+
+Centroids are a side pool rather than KV blocks: they are tiny (``S x Hk x D`` per layer), need float32 and are
+rewritten per layer in the forward; the pool's bytes are reported (``nbytes``) and documented as overhead.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
+from sentencekv_vllm.core.segmentation import IncrementalSegmenter
+
+_INITIAL_UNITS = 1024
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    cfg: SentenceKVConfig
+    slot: int
+    prompt_len: int
+    seen: int                                   # positions whose KV is written (next expected context start)
+    obs: torch.Tensor | None = None             # [L, W, Hq, D] last-W prompt queries, during prefill only
+    obs_lo: int | None = None                   # first captured window index
+    units: list[tuple[int, int]] = field(default_factory=list)
+    unit_slots: list[int] = field(default_factory=list)
+    indexed: bool = False                       # prompt index built (all layers)
+    stream: Any = None                          # incremental segmenter over generated tokens
+    open_start: int = 0                         # first position of the open (generated) sentence
+    _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def unit_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(starts, ends, slots) as long tensors; cached until a unit is added."""
+        if self._tensors is None:
+            spans = torch.tensor(self.units, dtype=torch.long).view(-1, 2)
+            self._tensors = (spans[:, 0], spans[:, 1], torch.tensor(self.unit_slots, dtype=torch.long))
+        return self._tensors
+
+    def add_units(self, spans: list[tuple[int, int]], slots: list[int]) -> None:
+        self.units.extend(spans)
+        self.unit_slots.extend(slots)
+        self._tensors = None
+
+
+class UnitStore:
+    """The pooled tensors; grown (doubling) by the planner between steps, never inside a forward."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int, max_reqs: int,
+                 device: torch.device, quest: bool) -> None:
+        self.dims = (num_layers, num_kv_heads, num_heads, head_dim)
+        self.device = device
+        self.quest = quest
+        f32 = dict(dtype=torch.float32, device=device)
+        self.feat_a = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, head_dim, **f32)
+        self.feat_b = torch.zeros_like(self.feat_a) if quest else None
+        self.valid = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, dtype=torch.bool, device=device)
+        self.qsum = torch.zeros(num_layers, max_reqs, num_heads, head_dim, **f32)
+        self.ksum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
+        self.kmax = torch.zeros_like(self.ksum) if quest else None   # quest: ksum holds the running min
+        self.free_units = list(range(_INITIAL_UNITS - 1, -1, -1))
+        self.free_slots = list(range(max_reqs - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.feat_a.shape[1]
+
+    def nbytes(self) -> int:
+        tensors = [self.feat_a, self.feat_b, self.valid, self.qsum, self.ksum, self.kmax]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def alloc_units(self, n: int) -> list[int]:
+        while len(self.free_units) < n:
+            self._grow()
+        return [self.free_units.pop() for _ in range(n)]
+
+    def free(self, units: list[int]) -> None:
+        if units:
+            self.valid[:, units] = False
+            self.free_units.extend(units)
+
+    def _grow(self) -> None:
+        old = self.capacity
+
+        def grow(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            new = torch.zeros((t.shape[0], 2 * old, *t.shape[2:]), dtype=t.dtype, device=t.device)
+            new[:, :old] = t
+            return new
+
+        self.feat_a, self.feat_b, self.valid = grow(self.feat_a), grow(self.feat_b), grow(self.valid)
+        self.free_units.extend(range(2 * old - 1, old - 1, -1))
+
+
+class WorkerState:
+    """Everything SentenceKV keeps in one worker process (one per device)."""
+
+    def __init__(self) -> None:
+        self.runner: Any = None
+        self.vllm_config: Any = None
+        self.cfg = SentenceKVConfig()
+        self.requests: dict[str, RequestState] = {}
+        self.store: UnitStore | None = None
+        self.lock = threading.Lock()
+        self._segmenters: dict[str, Any] = {}
+
+    def configure(self, runner: Any, vllm_config: Any) -> None:
+        self.runner, self.vllm_config = runner, vllm_config
+        self.cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
+
+    def ensure_store(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int,
+                     device: torch.device) -> UnitStore:
+        if self.store is None:
+            max_reqs = self.vllm_config.scheduler_config.max_num_seqs
+            self.store = UnitStore(num_layers, num_kv_heads, num_heads, head_dim, max_reqs, device,
+                                   quest=self.cfg.policy == "quest")
+        return self.store
+
+    def request_config(self, extra_args: dict[str, Any] | None) -> SentenceKVConfig:
+        """Server config with the request's ``sentencekv_*`` overrides; invalid overrides are logged and ignored
+        (the API server has already answered the request; the worker must not fail the batch)."""
+        try:
+            cfg = self.cfg.with_request_overrides(extra_args)
+        except SentenceKVConfigError as err:
+            from vllm.logger import init_logger
+
+            init_logger(__name__).warning("ignoring per-request SentenceKV override: %s", err)
+            return self.cfg
+        if (cfg.policy == "quest") != (self.cfg.policy == "quest"):
+            from vllm.logger import init_logger
+
+            init_logger(__name__).warning(
+                "per-request policy %r needs %s units; the server runs %r; ignoring the override",
+                cfg.policy, "page" if cfg.policy == "quest" else "sentence", self.cfg.policy)
+            return self.cfg.with_request_overrides({k: v for k, v in (extra_args or {}).items()
+                                                    if k != "sentencekv_policy"})
+        return cfg
+
+    def new_request(self, req_id: str, extra_args: dict[str, Any] | None, prompt_len: int,
+                    start: int) -> RequestState:
+        self.release(req_id)
+        assert self.store is not None
+        if not self.store.free_slots:
+            raise RuntimeError("SentenceKV: more running requests than scheduler_config.max_num_seqs")
+        state = RequestState(req_id, self.request_config(extra_args), self.store.free_slots.pop(),
+                             prompt_len, seen=start)
+        self.requests[req_id] = state
+        return state
+
+    def release(self, req_id: str) -> None:
+        """Free a request's units and slot (finish, abort, preemption); safe to call twice."""
+        state = self.requests.pop(req_id, None)
+        if state is None or self.store is None:
+            return
+        self.store.free(state.unit_slots)
+        self.store.free_slots.append(state.slot)
+
+    def segmenter(self, kind: str) -> Any:
+        """Lazily built segmenters (the token table decodes the whole vocabulary once)."""
+        if kind not in self._segmenters:
+            self._segmenters[kind] = _make_segmenter(kind, self.cfg, self.vllm_config)
+        return self._segmenters[kind]
+
+
+def _make_segmenter(kind: str, cfg: SentenceKVConfig, vllm_config: Any) -> Any:
+    from sentencekv_vllm.core.segmentation import (FixedLengthSegmenter, LengthRule, PunctSegmenter,
+                                                   SpacySegmenter, TokenClasses)
+
+    if kind == "pages":
+        return FixedLengthSegmenter(cfg.quest_page_size)
+    from transformers import AutoTokenizer
+
+    mc = vllm_config.model_config
+    tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                              trust_remote_code=mc.trust_remote_code)
+    rule = LengthRule(cfg.min_sentence_len, cfg.max_sentence_len)
+    if kind == "spacy":
+        return SpacySegmenter(tokenizer, rule, cfg.spacy_model)
+    return PunctSegmenter(TokenClasses.from_tokenizer(tokenizer), rule)
+
+
+STATE = WorkerState()
+
+
+def attach_runner(runner: Any, vllm_config: Any) -> None:
+    """Called by the SentenceKV worker once its model runner exists."""
+    from sentencekv_vllm.integration.compat import on_request_removed
+
+    STATE.configure(runner, vllm_config)
+    on_request_removed(runner, STATE.release)
+
+
+def new_stream(state: RequestState, segmenter: Any, last_prompt_token: int) -> IncrementalSegmenter:
+    """Incremental segmenter for generated tokens, primed with the last prompt token (for look-ahead)."""
+    stream = segmenter.stream(start=state.prompt_len)
+    if isinstance(stream, IncrementalSegmenter):
+        stream.prev = int(last_prompt_token)
+    return stream

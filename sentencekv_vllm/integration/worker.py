@@ -1,0 +1,17 @@
+"""Extension point: ``parallel_config.worker_cls`` (set by ``platform.prepare_config``).
+
+The worker owns the model runner; the attention builder has no request ids, so the worker hands its runner to the
+per-process SentenceKV state and frees a request's state when the runner drops it (finish or abort).
+"""
+
+from __future__ import annotations
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from sentencekv_vllm.integration.state import attach_runner
+
+
+class SentenceKVCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        super().init_device()
+        attach_runner(self.model_runner, self.vllm_config)

@@ -1,0 +1,13 @@
+"""GPU twin of :mod:`sentencekv_vllm.integration.worker` (kept apart so CPU processes never import it)."""
+
+from __future__ import annotations
+
+from vllm.v1.worker.gpu_worker import Worker
+
+from sentencekv_vllm.integration.state import attach_runner
+
+
+class SentenceKVGPUWorker(Worker):
+    def init_device(self) -> None:
+        super().init_device()
+        attach_runner(self.model_runner, self.vllm_config)
