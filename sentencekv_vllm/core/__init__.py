@@ -1,10 +1,22 @@
 """Engine-free SentenceKV: segmentation, sentence index, selection policies, reference attention (pure torch)."""
 
 from sentencekv_vllm.core.attention import gather_selected, gathered_attention, masked_attention
-from sentencekv_vllm.core.index import (RunningMean, SentenceIndex, page_bounds, retention_mask,
-                                        sentence_centroids, snapkv_importance)
-from sentencekv_vllm.core.segmentation import (FixedLengthSegmenter, LengthRule, PunctSegmenter, SpacySegmenter,
-                                               TokenClasses, spans_from_ends)
+from sentencekv_vllm.core.index import (
+                                        RunningMean,
+                                        SentenceIndex,
+                                        page_bounds,
+                                        retention_mask,
+                                        sentence_centroids,
+                                        snapkv_importance,
+)
+from sentencekv_vllm.core.segmentation import (
+                                        FixedLengthSegmenter,
+                                        LengthRule,
+                                        PunctSegmenter,
+                                        SpacySegmenter,
+                                        TokenClasses,
+                                        spans_from_ends,
+)
 from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch, UnitFeatures, group_mean_query, select
 
 __all__ = [

@@ -14,14 +14,19 @@ def gathered_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
     query ``[R, Hq, D]``; keys / values ``[R, Hk, B, D]``; valid ``[R, Hk, B]`` bool (padding False).
     Returns ``[R, Hq, D]`` in the query's dtype; math in float32.
+
+    Written as broadcast products + reductions rather than batched matmuls: every output element is then
+    reduced in the same order whatever the batch holds, so a request gets bit-identical results alone and inside
+    a batch (BLAS picks different blockings for different batch shapes). Padding sits after the selected
+    tokens and contributes exact zeros.
     """
     r, hq, d = query.shape
     hk = keys.shape[1]
-    q = query.float().view(r, hk, hq // hk, d)
-    logits = torch.einsum("rhgd,rhbd->rhgb", q, keys.float()) * scale
+    q = query.float().view(r, hk, hq // hk, 1, d)
+    logits = (q * keys.float()[:, :, None]).sum(-1) * scale                  # [R, Hk, G, B]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = logits.softmax(dim=-1)
-    out = torch.einsum("rhgb,rhbd->rhgd", probs, values.float())
+    out = (probs[..., None] * values.float()[:, :, None]).sum(-2)           # [R, Hk, G, D]
     return out.reshape(r, hq, d).to(query.dtype)
 
 

@@ -111,8 +111,11 @@ def group_mean_query(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def score_sentencekv(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
-    """Dot product of the (mean current-sentence) query with sentence centroids. ``[R, Hk, D]`` -> ``[R, Hk, S]``."""
-    scores = torch.einsum("rhd,rshd->rhs", query.float(), feats.a.float())
+    """Dot product of the (mean current-sentence) query with sentence centroids. ``[R, Hk, D]`` -> ``[R, Hk, S]``.
+
+    Product + sum (not einsum/bmm) so a row's scores do not depend on what else is in the batch.
+    """
+    scores = (query.float()[:, None] * feats.a.float()).sum(-1).transpose(1, 2)
     return scores.masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
 
 

@@ -2,7 +2,7 @@
 
 Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``), its
 ``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, and the CPU attention custom ops
-(``cpu_attn_get_scheduler_metadata``, ``cpu_attention_with_kv_cache``).
+(``cpu_attn_get_scheduler_metadata``).
 """
 
 from __future__ import annotations
@@ -63,23 +63,6 @@ def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor,
         head_dim=builder.head_dim, seq_lens=seq_lens, dtype=builder.dtype, query_start_loc=query_start_loc,
         causal=True, sliding_window_size=builder.window_size, isa=builder.isa,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=builder.kv_cache_dtype)
-
-
-def cpu_attention(impl: Any, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor,
-                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                  scheduler_metadata: torch.Tensor) -> None:
-    """Stock CPU paged attention on a (sub-)batch, exactly as ``CPUAttentionBackendImpl.forward`` calls it."""
-    from vllm import _custom_ops as ops
-
-    n, hk, bs, _ = kv_cache.shape
-    key_cache, value_cache = kv_cache.view(n, hk, bs * 2, -1).chunk(2, dim=2)
-    ops.cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
-        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=impl.scale, causal=True,
-        alibi_slopes=impl.alibi_slopes, sliding_window=impl.sliding_window, block_table=block_table,
-        softcap=impl.logits_soft_cap, scheduler_metadata=scheduler_metadata, s_aux=impl.sinks,
-        dynamic_causal=None, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-        kv_cache_dtype=impl.kv_cache_dtype)
 
 
 def layer_index(layer_name: str) -> int:

@@ -1,29 +1,25 @@
-"""Extension point: the attention backend (CPU). Backend / MetadataBuilder / Impl, as vLLM v1 backends split them.
+"""Extension point: the attention backend on CPU (CPU_ATTN underneath). Backend / Builder / Impl split.
 
 * Backend: CPU_ATTN's static facts (cache layout, block sizes, dtypes) under the name ``SENTENCEKV``.
-* Builder: the stock metadata plus a :class:`~sentencekv_vllm.integration.planner.StepPlan` (per-step Python).
-* Impl: tensor work per layer -- capture SnapKV window queries, build the prompt index on the last prefill chunk,
-  keep running sums of the open sentence, then attention: stock kernel for prefill and short rows, exact
-  softmax over the selected tokens (gathered from the paged cache) for sparse decode rows.
+* Builder: the stock metadata plus a per-step plan (:mod:`~sentencekv_vllm.integration.planner`).
+* Impl: :class:`~sentencekv_vllm.integration.impl.SentenceKVImplMixin` over the stock impl.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, fields
+import dataclasses
 
 import torch
-from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttentionBackendImpl,
-                                                 CPUAttentionMetadata, CPUAttentionMetadataBuilder)
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
 
-from sentencekv_vllm.core.attention import gather_selected, gathered_attention
-from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
-from sentencekv_vllm.core.selection import UnitFeatures, group_mean_query, select
-from sentencekv_vllm.integration import metrics
-from sentencekv_vllm.integration.compat import cpu_attention, layer_index
-from sentencekv_vllm.integration.kv_layout import BlockLayout
-from sentencekv_vllm.integration.planner import DenseSubset, Finalize, SparseGroup, StepPlan, plan_step
-from sentencekv_vllm.integration.state import STATE, UnitStore
+from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
+from sentencekv_vllm.integration.impl import SentenceKVImplMixin, with_plan
+from sentencekv_vllm.integration.planner import plan_step
+from sentencekv_vllm.integration.state import STATE
 
 
 class SentenceKVCPUBackend(CPUAttentionBackend):
@@ -44,132 +40,21 @@ class SentenceKVCPUBackend(CPUAttentionBackend):
         return SentenceKVCPUBuilder
 
 
-@dataclass
-class SentenceKVCPUMetadata(CPUAttentionMetadata):
-    plan: StepPlan | None = None
-
-
 class SentenceKVCPUBuilder(CPUAttentionMetadataBuilder):
-    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> SentenceKVCPUMetadata:
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        values = {f.name: getattr(base, f.name) for f in fields(CPUAttentionMetadata)}
-        plan = plan_step(self, common_attn_metadata) if STATE.runner is not None else None
-        return SentenceKVCPUMetadata(**values, plan=plan)
+        plan = plan_step(self, common_attn_metadata, base) if STATE.runner is not None else None
+        return with_plan(base, plan)
+
+    def subset_metadata(self, base, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                        block_table: torch.Tensor, num_tokens: int):
+        """Stock metadata for a sub-batch of rows; the CPU work partition must be recomputed for it."""
+        return dataclasses.replace(
+            base, num_actual_tokens=num_tokens, query_start_loc=query_start_loc, seq_lens=seq_lens,
+            block_table=block_table, max_seq_len=int(seq_lens.max()),
+            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
+            scheduler_metadata=cpu_scheduler_metadata(self, len(seq_lens), seq_lens, query_start_loc))
 
 
-class SentenceKVCPUImpl(CPUAttentionBackendImpl):
-    _layout: BlockLayout | None = None
-    _layer: int | None = None
-
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
-                output_block_scale=None):
-        plan = getattr(attn_metadata, "plan", None)
-        if plan is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        if self._layer is None:
-            self._layer = layer_index(layer.layer_name)
-        lyr = self._layer
-        store = STATE.store
-        assert store is not None
-        for copy in plan.obs:
-            copy.req.obs[lyr, copy.dst_lo:copy.dst_lo + len(copy.src)] = query[copy.src].float()
-        if plan.book is not None:
-            self._update_running_sums(store, lyr, query, key, plan)
-        for job in plan.finalize:
-            self._build_index(store, lyr, layer, kv_cache, job)
-        if not plan.sparse:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        if plan.dense is not None:
-            self._dense(layer, query, kv_cache, output, plan.dense)
-        t0 = time.perf_counter()
-        counts: list[int] = []
-        for group in plan.sparse:
-            counts += self._sparse(store, lyr, layer, query, kv_cache, output, group)
-        if lyr == 0:
-            metrics.observe_attended(counts, time.perf_counter() - t0)
-        return output
-
-    # -- index maintenance ---------------------------------------------------------------------------------
-
-    def _update_running_sums(self, store: UnitStore, lyr: int, query, key, plan: StepPlan) -> None:
-        """Close finished sentences (centroid = mean key), then add this token to the open sentence's sums."""
-        book = plan.book
-        if len(book.close_rows):
-            slots = book.slot[book.close_rows]
-            if store.quest:
-                store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots]
-                store.feat_b[lyr, book.close_units] = store.kmax[lyr, slots]
-            else:
-                store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots] / book.close_count[:, None, None]
-            store.valid[lyr, book.close_units] = True
-        q = query[book.tok].float()
-        k = key[book.tok].float()
-        keep = (~book.reset).float()[:, None, None]
-        store.qsum[lyr, book.slot] = store.qsum[lyr, book.slot] * keep + q
-        if store.quest:
-            reset = book.reset[:, None, None]
-            store.ksum[lyr, book.slot] = torch.where(reset, k, torch.minimum(store.ksum[lyr, book.slot], k))
-            store.kmax[lyr, book.slot] = torch.where(reset, k, torch.maximum(store.kmax[lyr, book.slot], k))
-        else:
-            store.ksum[lyr, book.slot] = store.ksum[lyr, book.slot] * keep + k
-
-    def _build_index(self, store: UnitStore, lyr: int, layer, kv_cache, job: Finalize) -> None:
-        """Prompt index for this layer, from the keys just written to the paged cache."""
-        req = job.req
-        n = req.prompt_len
-        pos = torch.arange(n, device=kv_cache.device).view(1, 1, n).expand(1, self.num_kv_heads, n)
-        keys, _ = self._block_layout(layer, kv_cache).gather(kv_cache, job.block_row, pos)
-        keys = keys[0].transpose(0, 1)                                       # [T, Hk, D]
-        if store.quest:
-            kmin, kmax = page_bounds(keys, job.spans)
-            store.feat_a[lyr, job.unit_slots], store.feat_b[lyr, job.unit_slots] = kmin, kmax
-            store.valid[lyr, job.unit_slots] = True
-            return
-        retained = None
-        lo = req.obs_lo if req.obs_lo is not None else req.obs.shape[1]
-        if lo < req.obs.shape[1]:
-            obs = req.obs[lyr, lo:]
-            retained = retention_mask(snapkv_importance(obs, keys, req.cfg.pool_kernel), req.cfg.semantic_budget)
-        cent, valid = sentence_centroids(keys, job.spans, retained, req.cfg.keep_unretained)
-        store.feat_a[lyr, job.unit_slots] = cent
-        store.valid[lyr, job.unit_slots] = valid
-
-    # -- attention -----------------------------------------------------------------------------------------
-
-    def _dense(self, layer, query, kv_cache, output, dense: DenseSubset) -> None:
-        q = query[dense.tok].contiguous()
-        out = torch.empty_like(q)
-        cpu_attention(self, layer, q, kv_cache, out, dense.query_start_loc, dense.seq_lens, dense.block_table,
-                      dense.scheduler_metadata)
-        output[dense.tok] = out.to(output.dtype)
-
-    def _sparse(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
-        """Select per KV head, gather the selected K/V from the paged cache, exact softmax over them."""
-        feats = None
-        q_sel = None
-        if g.policy in ("sentencekv", "quest"):
-            q_mean = store.qsum[lyr, g.slot] / g.q_count[:, None, None]
-            q_sel = group_mean_query(q_mean, self.num_kv_heads)
-            valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
-            feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
-                                 store.feat_b[lyr, g.unit_slots] if store.quest else None)
-        mask = select(g.policy, q_sel, feats, g.batch)
-        if mask.shape[1] != self.num_kv_heads:
-            mask = mask.expand(-1, self.num_kv_heads, -1)
-        pos, ok = gather_selected(mask, g.width)
-        k, v = self._block_layout(layer, kv_cache).gather(kv_cache, g.block_table, pos)
-        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
-        return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
-
-    def _block_layout(self, layer, kv_cache) -> BlockLayout:
-        if SentenceKVCPUImpl._layout is None:
-            n, hk, bs, c = kv_cache.shape
-
-            def write(key, value, cache, slots):
-                self.do_kv_cache_update(layer, key, value, cache, slots)
-
-            SentenceKVCPUImpl._layout = BlockLayout.probe(write, (hk, bs, c), bs, hk, c // 2, kv_cache.dtype,
-                                                          kv_cache.device)
-        return SentenceKVCPUImpl._layout
+class SentenceKVCPUImpl(SentenceKVImplMixin, CPUAttentionBackendImpl):
+    pass

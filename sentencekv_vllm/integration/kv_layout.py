@@ -26,9 +26,15 @@ class BlockLayout:
     block_size: int
 
     @classmethod
-    def probe(cls, write: WriteFn, block_shape: tuple[int, ...], block_size: int, num_kv_heads: int,
-              head_dim: int, dtype: torch.dtype, device: torch.device) -> "BlockLayout":
-        """``write(key, value, cache, slot_mapping)`` must store tokens like the backend does."""
+    def probe(cls, write: WriteFn, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int,
+              head_dim: int) -> "BlockLayout":
+        """``write(key, value, cache, slot_mapping)`` must store tokens like the backend does.
+
+        The scratch block copies the real cache's per-block strides (CPU_ATTN is head-major, FlashAttention
+        token-major behind the same logical shape), so offsets index the block's storage.
+        """
+        dtype, device = kv_cache.dtype, kv_cache.device
+        per_block = block_numel(kv_cache)
         n = block_size * num_kv_heads * head_dim
         ids = torch.arange(n, device=device).view(block_size, num_kv_heads, head_dim)
         slots = torch.arange(block_size, device=device, dtype=torch.long)
@@ -38,10 +44,11 @@ class BlockLayout:
             found = None
             for j in range(max(1, math.ceil(math.log(n, 16)))):
                 code = ((ids >> (4 * j)) & 15).to(dtype) + 1
-                cache = torch.zeros((1, *block_shape), dtype=dtype, device=device)
+                storage = torch.zeros(per_block, dtype=dtype, device=device)
+                cache = storage.as_strided((1, *kv_cache.shape[1:]), (per_block, *kv_cache.stride()[1:]))
                 key, value = (code, zeros) if which == "k" else (zeros, code)
                 write(key.contiguous(), value.contiguous(), cache, slots)
-                flat = cache.view(-1).float()
+                flat = storage.float()
                 pos = torch.nonzero(flat).flatten()
                 if found is None:
                     found, digits = pos, torch.zeros_like(pos)
@@ -61,10 +68,18 @@ class BlockLayout:
         block_table ``[R, max_blocks]`` (physical block of each logical block of the row).
         """
         r, hk, w = positions.shape
-        flat = kv_cache.view(kv_cache.shape[0], -1)
+        flat = kv_cache.as_strided((kv_cache.shape[0], block_numel(kv_cache)), (kv_cache.stride(0), 1))
         blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w, 1)
         heads = torch.arange(hk, device=positions.device).view(1, hk, 1)
         off = positions % self.block_size
         k = flat[blocks, self.k_off[off, heads]]
         v = flat[blocks, self.v_off[off, heads]]
         return k, v
+
+
+def block_numel(kv_cache: torch.Tensor) -> int:
+    """Elements of one block; the cache must be block-major (true for every vLLM 0.32 per-layer layout)."""
+    per_block = kv_cache[0].numel()
+    if kv_cache.stride(0) != per_block:
+        raise RuntimeError(f"SentenceKV needs a block-major KV cache, got strides {kv_cache.stride()}")
+    return per_block

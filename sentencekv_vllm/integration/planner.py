@@ -65,11 +65,8 @@ class SparseGroup:
 
 @dataclass
 class DenseSubset:
-    tok: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    block_table: torch.Tensor
-    scheduler_metadata: torch.Tensor
+    tok: torch.Tensor          # flat token indices of the dense rows
+    metadata: Any              # the stock backend's metadata for that sub-batch
 
 
 @dataclass
@@ -86,7 +83,8 @@ def unit_kind() -> str:
     return "pages" if STATE.cfg.policy == "quest" else STATE.cfg.segmentation
 
 
-def plan_step(builder: Any, cm: Any) -> StepPlan:
+def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
+    """``builder`` must offer ``subset_metadata(base, qsl, seq_lens, block_table, num_tokens)``."""
     t0 = time.perf_counter()
     num_reqs = cm.num_reqs
     STATE.ensure_store(_num_layers(), builder.num_kv_heads, builder.num_heads, builder.head_dim, cm.seq_lens.device)
@@ -116,7 +114,7 @@ def plan_step(builder: Any, cm: Any) -> StepPlan:
     plan.book = _book_tensors(book) if book["tok"] else None
     if sparse_rows:
         plan.sparse = [_sparse_group(p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
-        plan.dense = _dense_subset(builder, dense_rows, qsl, cm) if dense_rows else None
+        plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
     plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
     metrics.observe_step(plan)
     return plan
@@ -222,16 +220,12 @@ def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], s
         width=int(min(budgets.max(), totals.max())))
 
 
-def _dense_subset(builder: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:
-    from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
-
+def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:
     dev = cm.seq_lens.device
     tok = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in rows]).to(dev)
     lens = torch.tensor([qsl[i + 1] - qsl[i] for i in rows])
-    sub_qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    sub_qsl = torch.zeros(len(rows) + 1, dtype=cm.query_start_loc.dtype)
     sub_qsl[1:] = lens.cumsum(0)
     idx = torch.tensor(rows, device=dev)
-    seq = cm.seq_lens[idx]
-    sub_qsl = sub_qsl.to(dev)
-    return DenseSubset(tok=tok, query_start_loc=sub_qsl, seq_lens=seq, block_table=cm.block_table_tensor[idx],
-                       scheduler_metadata=cpu_scheduler_metadata(builder, len(rows), seq, sub_qsl))
+    md = builder.subset_metadata(base, sub_qsl.to(dev), cm.seq_lens[idx], cm.block_table_tensor[idx], len(tok))
+    return DenseSubset(tok=tok, metadata=md)

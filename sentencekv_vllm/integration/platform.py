@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.registry import backend_path, is_sentencekv
 
 CPU_WORKER = "sentencekv_vllm.integration.worker.SentenceKVCPUWorker"
@@ -81,14 +82,19 @@ def uses_sentencekv(vllm_config: Any) -> bool:
 
 def prepare_config(vllm_config: Any) -> SentenceKVConfig:
     """Validate hyper-parameters and the engine features SentenceKV relies on; install the worker."""
-    from vllm.logger import init_logger
     from vllm.platforms import current_platform
 
-    logger = init_logger(__name__)
+    logger = get_logger(__name__)
     cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
     if vllm_config.speculative_config is not None:
         raise ValueError("The SENTENCEKV attention backend does not support speculative decoding "
                          "(decode steps must have one query token per request).")
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        # A prefix-cache hit skips the prompt's last queries, which SnapKV retention needs: the index (and so the
+        # output) would then depend on what ran before. Indexes are not cached per prefix yet.
+        logger.warning("SentenceKV: disabling prefix caching (the sentence index needs the prompt's own queries)")
+        cache.enable_prefix_caching = False
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _STOCK_WORKERS:
         parallel.worker_cls = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER

@@ -22,6 +22,7 @@ import torch
 
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
+from sentencekv_vllm.integration.log import get_logger
 
 _INITIAL_UNITS = 1024
 
@@ -135,14 +136,10 @@ class WorkerState:
         try:
             cfg = self.cfg.with_request_overrides(extra_args)
         except SentenceKVConfigError as err:
-            from vllm.logger import init_logger
-
-            init_logger(__name__).warning("ignoring per-request SentenceKV override: %s", err)
+            get_logger(__name__).warning("ignoring per-request SentenceKV override: %s", err)
             return self.cfg
         if (cfg.policy == "quest") != (self.cfg.policy == "quest"):
-            from vllm.logger import init_logger
-
-            init_logger(__name__).warning(
+            get_logger(__name__).warning(
                 "per-request policy %r needs %s units; the server runs %r; ignoring the override",
                 cfg.policy, "page" if cfg.policy == "quest" else "sentence", self.cfg.policy)
             return self.cfg.with_request_overrides({k: v for k, v in (extra_args or {}).items()
@@ -176,8 +173,13 @@ class WorkerState:
 
 
 def _make_segmenter(kind: str, cfg: SentenceKVConfig, vllm_config: Any) -> Any:
-    from sentencekv_vllm.core.segmentation import (FixedLengthSegmenter, LengthRule, PunctSegmenter,
-                                                   SpacySegmenter, TokenClasses)
+    from sentencekv_vllm.core.segmentation import (
+        FixedLengthSegmenter,
+        LengthRule,
+        PunctSegmenter,
+        SpacySegmenter,
+        TokenClasses,
+    )
 
     if kind == "pages":
         return FixedLengthSegmenter(cfg.quest_page_size)

@@ -4,8 +4,13 @@ import functools
 
 import pytest
 
-from sentencekv_vllm.core.segmentation import (LengthRule, PunctSegmenter, SpacySegmenter, TokenClasses,
-                                               spans_from_ends)
+from sentencekv_vllm.core.segmentation import (
+    LengthRule,
+    PunctSegmenter,
+    SpacySegmenter,
+    TokenClasses,
+    spans_from_ends,
+)
 from sentencekv_vllm.fixtures import haystack_text
 
 RULE = LengthRule(min_len=3, max_len=128)
@@ -50,7 +55,8 @@ def test_abbreviations_and_numbers_punct(tokenizer, punct):
 @pytest.mark.parametrize("mode", ["punct", "spacy"])
 def test_ellipsis_paragraphs_questions(tokenizer, punct, spacy_seg, mode):
     seg = punct if mode == "punct" else spacy_seg
-    text = "Wait for it... Here it comes! Is it here?\n\nA new paragraph starts here without a period\n\nAnd another one"
+    text = ("Wait for it... Here it comes! Is it here?\n\n"
+            "A new paragraph starts here without a period\n\nAnd another one")
     sents = [s.strip() for s in sentences(tokenizer, seg, text)]
     assert sents[:3] == ["Wait for it...", "Here it comes!", "Is it here?"]
     assert sents[3].startswith("A new paragraph") and sents[3].endswith("period")

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from sentencekv_vllm.core.attention import gather_selected, gathered_attention, masked_attention
-from sentencekv_vllm.core.index import (RunningMean, SentenceIndex, page_bounds, retention_mask,
-                                        sentence_centroids, snapkv_importance)
+from sentencekv_vllm.core.index import (
+    RunningMean,
+    SentenceIndex,
+    page_bounds,
+    retention_mask,
+    sentence_centroids,
+    snapkv_importance,
+)
 from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch, UnitFeatures, group_mean_query, select
 
 HQ, HK, D = 9, 3, 64
@@ -30,7 +36,7 @@ def batch_for(spans_list, seq_lens, budget, sinks=32, recent=32):
 def features(cents, valids, s):
     a = torch.zeros(len(cents), s, HK, D)
     v = torch.zeros(len(cents), s, HK, dtype=torch.bool)
-    for i, (c, m) in enumerate(zip(cents, valids)):
+    for i, (c, m) in enumerate(zip(cents, valids, strict=False)):
         a[i, :len(c)], v[i, :len(c)] = c, m
     return UnitFeatures(a, v)
 
@@ -46,13 +52,13 @@ def test_budget_never_exceeded_sinks_recent_present(gen, policy):
     spans = [random_spans(t, gen) for t in lens]
     keys = [torch.randn(t, HK, D, generator=gen) for t in lens]
     if policy == "quest":
-        bounds = [page_bounds(k, sp) for k, sp in zip(keys, spans)]
+        bounds = [page_bounds(k, sp) for k, sp in zip(keys, spans, strict=False)]
         f = features([b[0] for b in bounds], [torch.ones(len(sp), HK, dtype=torch.bool) for sp in spans],
                      max(map(len, spans)))
         f.b = features([b[1] for b in bounds], [torch.ones(len(sp), HK, dtype=torch.bool) for sp in spans],
                        max(map(len, spans))).a
     else:
-        cv = [sentence_centroids(k, sp) for k, sp in zip(keys, spans)]
+        cv = [sentence_centroids(k, sp) for k, sp in zip(keys, spans, strict=False)]
         f = features([c for c, _ in cv], [v for _, v in cv], max(map(len, spans)))
     batch = batch_for(spans, lens, 256)
     q = group_mean_query(torch.randn(3, HQ, D, generator=gen), HK)
@@ -148,7 +154,8 @@ def test_incremental_index_equals_batch(gen):
             idx.append(start, pos + 1, acc.mean())
             acc.reset()
             start = pos + 1
-    all_spans = torch.cat([p_spans, torch.tensor([[s, e] for s, e in zip([t_prompt] + gen_ends[:-1], gen_ends)])])
+    gen_spans = [[s, e] for s, e in zip([t_prompt] + gen_ends[:-1], gen_ends, strict=True)]
+    all_spans = torch.cat([p_spans, torch.tensor(gen_spans)])
     keep = torch.ones(HK, t_prompt + t_gen, dtype=torch.bool)
     keep[:, :t_prompt] = retention_mask(snapkv_importance(obs, k[:t_prompt], 7), 120)
     cent, valid = sentence_centroids(k, all_spans, keep)

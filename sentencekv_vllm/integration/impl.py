@@ -1,0 +1,154 @@
+"""Backend-agnostic SentenceKV attention: a mixin placed before a stock ``AttentionImpl`` (CPU or FlashAttention).
+
+Per layer: capture SnapKV window queries, build the prompt index on the last prefill chunk (keys read back from
+the paged cache through the probed block layout), keep running sums of the open sentence, then attention:
+the stock kernel (``super().forward``) for prefill and short rows, exact softmax over the selected tokens
+(gathered from the paged cache) for sparse decode rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from sentencekv_vllm.core.attention import gather_selected, gathered_attention
+from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
+from sentencekv_vllm.core.selection import UnitFeatures, group_mean_query, select
+from sentencekv_vllm.integration import metrics
+from sentencekv_vllm.integration.compat import layer_index
+from sentencekv_vllm.integration.kv_layout import BlockLayout
+from sentencekv_vllm.integration.planner import DenseSubset, Finalize, SparseGroup, StepPlan
+from sentencekv_vllm.integration.state import STATE, UnitStore
+
+_LAYOUTS: dict[tuple, BlockLayout] = {}
+
+
+def with_plan(metadata, plan: StepPlan | None):
+    """Copy of the stock metadata dataclass carrying the step plan (an attribute the stock impl ignores)."""
+    md = dataclasses.replace(metadata)
+    md.plan = plan
+    return md
+
+
+class SentenceKVImplMixin:
+    _layer: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        plan = getattr(attn_metadata, "plan", None)
+        if plan is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if self._layer is None:
+            self._layer = layer_index(layer.layer_name)
+        lyr = self._layer
+        store = STATE.store
+        assert store is not None
+        for copy in plan.obs:
+            copy.req.obs[lyr, copy.dst_lo:copy.dst_lo + len(copy.src)] = query[copy.src].float()
+        if plan.book is not None:
+            self._update_running_sums(store, lyr, query, key, plan)
+        for job in plan.finalize:
+            self._build_index(store, lyr, layer, kv_cache, job)
+        if not plan.sparse:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if plan.dense is not None:
+            self._dense(layer, query, key, value, kv_cache, output, plan.dense)
+        t0 = time.perf_counter()
+        counts: list[int] = []
+        for group in plan.sparse:
+            counts += self._sparse(store, lyr, layer, query, kv_cache, output, group)
+        if lyr == 0:
+            metrics.observe_attended(counts, time.perf_counter() - t0)
+        return output
+
+    # -- index maintenance ---------------------------------------------------------------------------------
+
+    def _update_running_sums(self, store: UnitStore, lyr: int, query, key, plan: StepPlan) -> None:
+        """Close finished sentences (centroid = mean key), then add this token to the open sentence's sums."""
+        book = plan.book
+        if len(book.close_rows):
+            slots = book.slot[book.close_rows]
+            if store.quest:
+                store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots]
+                store.feat_b[lyr, book.close_units] = store.kmax[lyr, slots]
+            else:
+                store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots] / book.close_count[:, None, None]
+            store.valid[lyr, book.close_units] = True
+        q = query[book.tok].float()
+        k = key[book.tok].float()
+        keep = (~book.reset).float()[:, None, None]
+        store.qsum[lyr, book.slot] = store.qsum[lyr, book.slot] * keep + q
+        if store.quest:
+            reset = book.reset[:, None, None]
+            store.ksum[lyr, book.slot] = torch.where(reset, k, torch.minimum(store.ksum[lyr, book.slot], k))
+            store.kmax[lyr, book.slot] = torch.where(reset, k, torch.maximum(store.kmax[lyr, book.slot], k))
+        else:
+            store.ksum[lyr, book.slot] = store.ksum[lyr, book.slot] * keep + k
+
+    def _build_index(self, store: UnitStore, lyr: int, layer, kv_cache, job: Finalize) -> None:
+        """Prompt index for this layer, from the keys just written to the paged cache."""
+        req = job.req
+        n = req.prompt_len
+        pos = torch.arange(n, device=kv_cache.device).view(1, 1, n).expand(1, self.num_kv_heads, n)
+        keys, _ = self._block_layout(layer, kv_cache).gather(kv_cache, job.block_row, pos)
+        keys = keys[0].transpose(0, 1)                                       # [T, Hk, D]
+        if store.quest:
+            kmin, kmax = page_bounds(keys, job.spans)
+            store.feat_a[lyr, job.unit_slots], store.feat_b[lyr, job.unit_slots] = kmin, kmax
+            store.valid[lyr, job.unit_slots] = True
+            return
+        retained = None
+        lo = req.obs_lo if req.obs_lo is not None else req.obs.shape[1]
+        if lo < req.obs.shape[1]:
+            obs = req.obs[lyr, lo:]
+            retained = retention_mask(snapkv_importance(obs, keys, req.cfg.pool_kernel), req.cfg.semantic_budget)
+        cent, valid = sentence_centroids(keys, job.spans, retained, req.cfg.keep_unretained)
+        store.feat_a[lyr, job.unit_slots] = cent
+        store.valid[lyr, job.unit_slots] = valid
+
+    # -- attention -----------------------------------------------------------------------------------------
+
+    def _dense(self, layer, query, key, value, kv_cache, output, dense: DenseSubset) -> None:
+        """Stock kernel on the dense rows only, through sub-batch metadata built by the builder."""
+        q = query[dense.tok].contiguous()
+        out = torch.empty((len(dense.tok), *output.shape[1:]), dtype=output.dtype, device=output.device)
+        super().forward(layer, q, key[dense.tok], value[dense.tok], kv_cache, dense.metadata, out)
+        output[dense.tok] = out
+
+    def _sparse(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
+        """Select per KV head, gather the selected K/V from the paged cache, exact softmax over them."""
+        feats = None
+        q_sel = None
+        if g.policy in ("sentencekv", "quest"):
+            q_mean = store.qsum[lyr, g.slot] / g.q_count[:, None, None]
+            q_sel = group_mean_query(q_mean, self.num_kv_heads)
+            valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
+            feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
+                                 store.feat_b[lyr, g.unit_slots] if store.quest else None)
+        mask = select(g.policy, q_sel, feats, g.batch)
+        if mask.shape[1] != self.num_kv_heads:
+            mask = mask.expand(-1, self.num_kv_heads, -1)
+        pos, ok = gather_selected(mask, g.width)
+        k, v = self._block_layout(layer, kv_cache).gather(kv_cache, g.block_table, pos)
+        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
+        return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
+
+    def _block_layout(self, layer, kv_cache) -> BlockLayout:
+        """Probed once per cache shape (layers of one model share it)."""
+        key = (tuple(kv_cache.shape[1:]), kv_cache.stride()[1:], kv_cache.dtype, str(kv_cache.device))
+        if key not in _LAYOUTS:
+            def write(k, v, cache, slots):
+                self.do_kv_cache_update(layer, k, v, cache, slots)
+
+            _LAYOUTS[key] = BlockLayout.probe(write, kv_cache, self.block_size_of(kv_cache), self.num_kv_heads,
+                                              self.head_size)
+        return _LAYOUTS[key]
+
+    @staticmethod
+    def block_size_of(kv_cache: torch.Tensor) -> int:
+        """Both CPU_ATTN and FlashAttention caches are ``[num_blocks, Hk, block, 2*D]``-shaped in vLLM 0.32."""
+        return kv_cache.shape[2]
