@@ -117,3 +117,19 @@ def test_needle_found_by_sentencekv_missed_by_streaming(client, tokenizer):
     assert "7291" in full_answer
     assert "7291" in skv_answer
     assert "7291" not in stream_answer
+
+
+def test_prometheus_scrapes_sentencekv_series(skv, client, tokenizer):
+    """Issue #7: a real Prometheus server scrapes vLLM's /metrics; the sentencekv series exist and move."""
+    from tests.prometheus import prometheus_scraping
+
+    with prometheus_scraping(skv.url) as prom:
+        before = prom.wait_for("sum(sentencekv_sparse_decode_rows_total)", lambda v: v >= 0)
+        budget = prom.wait_for("max(sentencekv_budget_tokens)", lambda v: v > 0)
+        assert budget == 1024
+        prom.wait_for("sum(vllm:num_requests_running)", lambda v: v >= 0)
+        prompt = prompts.long_prompt(tokenizer, 3000, 50_000)
+        complete(client, prompt, max_tokens=16, sentencekv_budget=512)
+        after = prom.wait_for("sum(sentencekv_sparse_decode_rows_total)", lambda v: v >= before + 15)
+        assert after - before >= 15
+        assert prom.wait_for("sum(sentencekv_prompt_sentences_count)", lambda v: v > 0) > 0
