@@ -17,7 +17,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
-from sentencekv_vllm.integration.impl import SentenceKVImplMixin, with_plan
+from sentencekv_vllm.integration.impl import SentenceKVImplMixin, offload_spec, with_plan
 from sentencekv_vllm.integration.planner import plan_step
 from sentencekv_vllm.integration.state import STATE
 
@@ -30,6 +30,10 @@ class SentenceKVCPUBackend(CPUAttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == "decoder"
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return offload_spec(spec)
 
     @staticmethod
     def get_impl_cls() -> type["SentenceKVCPUImpl"]:

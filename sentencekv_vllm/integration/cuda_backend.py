@@ -16,7 +16,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from sentencekv_vllm.integration.impl import SentenceKVImplMixin, with_plan
+from sentencekv_vllm.integration.impl import SentenceKVImplMixin, offload_spec, with_plan
 from sentencekv_vllm.integration.planner import plan_step
 from sentencekv_vllm.integration.state import STATE
 
@@ -29,6 +29,10 @@ class SentenceKVFlashBackend(FlashAttentionBackend):
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == "decoder"
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return offload_spec(spec)
 
     @staticmethod
     def get_impl_cls() -> type["SentenceKVFlashImpl"]:

@@ -32,6 +32,21 @@ def with_plan(metadata, plan: StepPlan | None):
     return md
 
 
+def offload_spec(spec):
+    """``customize_spec`` hook: with ``offload: host`` the KV groups use the SentenceKV spec/manager pair."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from sentencekv_vllm.config import SentenceKVConfig
+    from sentencekv_vllm.integration.compat import current_vllm_config
+
+    cfg = SentenceKVConfig.from_additional_config(current_vllm_config().additional_config)
+    if cfg.offload != "host" or type(spec) is not FullAttentionSpec:
+        return spec
+    from sentencekv_vllm.integration.kv_spec import SentenceKVSpec
+
+    return SentenceKVSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init})
+
+
 class SentenceKVImplMixin:
     _layer: int | None = None
 
@@ -133,9 +148,26 @@ class SentenceKVImplMixin:
         if mask.shape[1] != self.num_kv_heads:
             mask = mask.expand(-1, self.num_kv_heads, -1)
         pos, ok = gather_selected(mask, g.width)
-        k, v = self._block_layout(layer, kv_cache).gather(kv_cache, g.block_table, pos)
+        layout = self._block_layout(layer, kv_cache)
+        k, v = layout.gather(kv_cache, g.block_table, pos)
+        if g.host_slots is not None:
+            k, v = self._swap_in(layout, lyr, g, pos, k, v)
         output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
         return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
+
+    def _swap_in(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, k, v):
+        """Selected tokens whose blocks live on the host are read from the host pool (the swap-in)."""
+        r, hk, w = pos.shape
+        slots = g.host_slots.gather(1, (pos // layout.block_size).view(r, -1)).view(r, hk, w)
+        on_host = slots >= 0
+        if not bool(on_host.any()):
+            return k, v
+        host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()
+        hk_, hv_ = layout.gather_blocks(STATE.host.pool[lyr], host_slots, host_pos)
+        sel = on_host[..., None]
+        metrics.observe_swap_in(int(on_host.sum()), int(on_host.numel()), lyr, 2 * k.shape[-1] * k.element_size())
+        return (torch.where(sel, hk_.to(k.device, non_blocking=True), k),
+                torch.where(sel, hv_.to(v.device, non_blocking=True), v))
 
     def _block_layout(self, layer, kv_cache) -> BlockLayout:
         """Probed once per cache shape (layers of one model share it)."""

@@ -69,13 +69,18 @@ class BlockLayout:
         """
         r, hk, w = positions.shape
         flat = kv_cache.as_strided((kv_cache.shape[0], block_numel(kv_cache)), (kv_cache.stride(0), 1))
-        blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w, 1)
+        blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w)
+        return self.gather_blocks(flat, blocks, positions)
+
+    def gather_blocks(self, flat: torch.Tensor, blocks: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same, from ``flat`` ``[num_blocks, block_numel]`` storage with explicit block ids ``[R, Hk, W]``."""
+        hk = positions.shape[1]
         heads = torch.arange(hk, device=positions.device).view(1, hk, 1)
         off = positions % self.block_size
-        k = flat[blocks, self.k_off[off, heads]]
-        v = flat[blocks, self.v_off[off, heads]]
-        return k, v
-
+        k_off, v_off = self.k_off.to(positions.device), self.v_off.to(positions.device)
+        b = blocks[..., None]
+        return flat[b, k_off[off, heads]], flat[b, v_off[off, heads]]
 
 def block_numel(kv_cache: torch.Tensor) -> int:
     """Elements of one block; the cache must be block-major (true for every vLLM 0.32 per-layer layout)."""

@@ -36,6 +36,14 @@ def _metrics() -> dict[str, Any] | None:
             "budget": Gauge("sentencekv_budget_tokens", "Server token budget", multiprocess_mode="max"),
             "units": Gauge("sentencekv_live_units", "Sentence units held by live requests",
                            multiprocess_mode="livesum"),
+            "selected": Counter("sentencekv_selected_tokens", "Tokens selected by sparse rows (layer 0, all heads)"),
+            "selected_host": Counter("sentencekv_selected_host_tokens", "Selected tokens read from the host tier "
+                                     "(layer 0); hot-set hit rate = 1 - selected_host / selected"),
+            "swap_in_bytes": Counter("sentencekv_swap_in_bytes", "Bytes of K/V read from the host tier"),
+            "swap_out_bytes": Gauge("sentencekv_swap_out_bytes", "Bytes copied to the host tier since start",
+                                    multiprocess_mode="livesum"),
+            "host_blocks": Gauge("sentencekv_host_blocks", "Blocks held in the host tier",
+                                 multiprocess_mode="livesum"),
             "requests": Gauge("sentencekv_live_requests", "Requests with SentenceKV state",
                               multiprocess_mode="livesum"),
         }
@@ -53,6 +61,9 @@ def observe_step(plan: Any) -> None:
     if plan.book is not None:
         m["dense_rows"].inc(max(0, len(plan.book.tok) - sparse))
     m["budget"].set(STATE.cfg.budget)
+    if STATE.host is not None:
+        m["host_blocks"].set(STATE.host_used)
+        m["swap_out_bytes"].set(STATE.host.bytes_out)
     m["requests"].set(len(STATE.requests))
     if STATE.store is not None:
         m["units"].set(STATE.store.capacity - len(STATE.store.free_units))
@@ -74,3 +85,14 @@ def observe_attended(counts: list[int], select_seconds: float) -> None:
     if counts:
         m["attended_max"].set(max(max(counts), m["attended_max"]._value.get()))
     m["select_s"].inc(select_seconds)
+
+
+def observe_swap_in(host_tokens: int, total_tokens: int, layer: int, bytes_per_token: int = 0) -> None:
+    m = _metrics()
+    if not m:
+        return
+    if layer == 0:
+        m["selected"].inc(total_tokens)
+        m["selected_host"].inc(host_tokens)
+    if bytes_per_token:
+        m["swap_in_bytes"].inc(host_tokens * bytes_per_token)

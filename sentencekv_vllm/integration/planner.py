@@ -61,6 +61,7 @@ class SparseGroup:
     unit_valid: torch.Tensor   # [Rs, S]
     block_table: torch.Tensor  # [Rs, max_blocks]
     width: int
+    host_slots: torch.Tensor | None = None   # [Rs, max_blocks] host slot of each logical block, -1 = on device
 
 
 @dataclass
@@ -209,6 +210,13 @@ def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], s
     totals = torch.tensor([seq_lens[i] for i in idx])
     budgets = torch.tensor([req.cfg.budget for _, req, *_ in rows])
     open_starts = torch.tensor([req.open_start for _, req, *_ in rows])
+    host_slots = None
+    if any(req.host_map for _, req, *_ in rows):
+        host_slots = torch.full((r, cm.block_table_tensor.shape[1]), -1, dtype=torch.long)
+        for j, (_, req, *_) in enumerate(rows):
+            if req.host_map:
+                logical = torch.tensor(list(req.host_map.keys()))
+                host_slots[j, logical] = torch.tensor(list(req.host_map.values()))
     cfg = STATE.cfg
     batch = SelectionBatch.make(starts.to(dev), ends.to(dev), totals.to(dev), budgets.to(dev), cfg.sinks,
                                 cfg.recent)
@@ -217,7 +225,8 @@ def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], s
         slot=torch.tensor([req.slot for _, req, *_ in rows], device=dev),
         q_count=(totals - open_starts).float().to(dev), batch=batch, unit_slots=slots.to(dev),
         unit_valid=valid.to(dev), block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
-        width=int(min(budgets.max(), totals.max())))
+        width=int(min(budgets.max(), totals.max())),
+        host_slots=None if host_slots is None else host_slots.to(dev))
 
 
 def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:

@@ -96,6 +96,8 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
         # output) would then depend on what ran before. Indexes are not cached per prefix yet.
         logger.warning("SentenceKV: disabling prefix caching (the sentence index needs the prompt's own queries)")
         cache.enable_prefix_caching = False
+    if cfg.offload == "host":
+        _install_connector(vllm_config)
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _STOCK_WORKERS:
         parallel.worker_cls = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER
@@ -119,3 +121,17 @@ def validate_request_args(cfg: SentenceKVConfig, max_model_len: int, extra_args:
     if (req.policy == "quest") != (cfg.policy == "quest"):
         raise SentenceKVConfigError("policy", f"{req.policy!r} cannot be requested on a server running "
                                     f"policy {cfg.policy!r} (different index units)")
+
+
+def _install_connector(vllm_config: Any) -> None:
+    """``offload: host`` rides on the KV connector API (scheduler -> worker metadata each step)."""
+    from vllm.config import KVTransferConfig
+
+    from sentencekv_vllm.integration.connector import CONNECTOR_NAME, transfer_config
+
+    current = vllm_config.kv_transfer_config
+    if current is not None and current.kv_connector not in (None, CONNECTOR_NAME):
+        raise ValueError(f"sentencekv.offload: 'host' uses its own KV connector; it cannot be combined with "
+                         f"--kv-transfer-config kv_connector={current.kv_connector!r}")
+    if current is None:
+        vllm_config.kv_transfer_config = KVTransferConfig(**transfer_config())

@@ -41,6 +41,7 @@ class RequestState:
     indexed: bool = False                       # prompt index built (all layers)
     stream: Any = None                          # incremental segmenter over generated tokens
     open_start: int = 0                         # first position of the open (generated) sentence
+    host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def unit_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,6 +116,8 @@ class WorkerState:
         self.cfg = SentenceKVConfig()
         self.requests: dict[str, RequestState] = {}
         self.store: UnitStore | None = None
+        self.host: Any = None                   # tiers.HostPool when offload == "host"
+        self.host_used = 0
         self.lock = threading.Lock()
         self._segmenters: dict[str, Any] = {}
 
@@ -164,6 +167,20 @@ class WorkerState:
             return
         self.store.free(state.unit_slots)
         self.store.free_slots.append(state.slot)
+
+    def apply_tier_changes(self, spills: list[tuple[str, int, int, int]], releases: list[str],
+                           host_used: int) -> None:
+        """Connector metadata of this step, applied before the forward: drop host maps of released requests,
+        copy newly freed blocks to their host slots and record them in the requests' host maps."""
+        for req_id in releases:
+            if req_id in self.requests:
+                self.requests[req_id].host_map.clear()
+        if spills:
+            assert self.host is not None, "host tier not initialised"
+            self.host.spill([block for _, _, block, _ in spills], [slot for *_, slot in spills])
+            for req_id, logical, _, slot in spills:
+                self.requests[req_id].host_map[logical] = slot
+        self.host_used = host_used
 
     def segmenter(self, kind: str) -> Any:
         """Lazily built segmenters (the token table decodes the whole vocabulary once)."""

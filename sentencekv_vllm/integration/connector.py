@@ -1,0 +1,95 @@
+"""Extension point: the KV connector API (v1), used as the scheduler -> worker channel of the host tier.
+
+Scheduler role (EngineCore): registers the spec/manager pair, learns each request's budget/policy
+(``get_num_new_matched_tokens``), and ships the manager's spill decisions and host-slot releases in the step's
+connector metadata. Worker role: ``handle_preemptions`` runs first in ``execute_model``, before the forward, so the
+copies to host happen before any freed block can be overwritten; it also updates each request's host-block map
+used by the sparse gather. No external KV is ever loaded: ``get_num_new_matched_tokens`` always answers 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+
+from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.integration.log import get_logger
+from sentencekv_vllm.integration.tiers import ENGINE, HostPool, host_block_bytes
+
+logger = get_logger(__name__)
+CONNECTOR_NAME = "SentenceKVConnector"
+CONNECTOR_MODULE = "sentencekv_vllm.integration.connector"
+
+
+@dataclass
+class SentenceKVConnectorMetadata(KVConnectorMetadata):
+    spills: list[tuple[str, int, int, int]] = field(default_factory=list)   # (req, logical, block, host slot)
+    releases: list[str] = field(default_factory=list)
+    host_used: int = 0
+
+
+class SentenceKVConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
+        self.host_capacity = 0
+        if kv_cache_config is not None:
+            self.host_capacity = int(self.cfg.host_pool_gib * 2**30) // max(1, host_block_bytes(kv_cache_config))
+        if role == KVConnectorRole.SCHEDULER:
+            from sentencekv_vllm.integration import kv_spec
+
+            kv_spec.register()
+            ENGINE.configure(self.cfg, self.host_capacity)
+            logger.info("SentenceKV host tier: %d blocks (%.2f GiB)", self.host_capacity, self.cfg.host_pool_gib)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False    # a best-effort tier: nothing is handed off to another engine
+
+    # -- scheduler side ------------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        ENGINE.on_request(request.request_id, request.sampling_params.extra_args)
+        return 0, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        return None
+
+    def build_connector_meta(self, scheduler_output: Any) -> SentenceKVConnectorMetadata:
+        spills, releases = ENGINE.take_pending()
+        return SentenceKVConnectorMetadata(spills=spills, releases=releases, host_used=ENGINE.host_used)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        ENGINE.forget(request.request_id)
+        return False, None
+
+    # -- worker side ---------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        from sentencekv_vllm.integration.state import STATE
+
+        STATE.host = HostPool(kv_caches, self.host_capacity)
+
+    def handle_preemptions(self, metadata: SentenceKVConnectorMetadata) -> None:
+        from sentencekv_vllm.integration.state import STATE
+
+        STATE.apply_tier_changes(metadata.spills, metadata.releases, metadata.host_used)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None
+
+
+def transfer_config() -> dict[str, Any]:
+    """The ``--kv-transfer-config`` that ``offload: host`` installs."""
+    return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both"}

@@ -1,0 +1,58 @@
+"""Extension points: ``KVCacheSpec`` + ``SingleTypeKVCacheManager`` (scheduler side, EngineCore process).
+
+With ``offload: host`` the backend reports :class:`SentenceKVSpec` (``customize_spec``), which the registry maps to
+:class:`SentenceKVManager`. Once a request decodes sparsely (context > budget, prefill done), the manager frees its
+*middle* blocks -- everything but the sink blocks and the recent window -- back to vLLM's pool, like R-SWA frees a
+gap. Before that, it takes a host slot for each freed block from :data:`~sentencekv_vllm.integration.tiers.ENGINE`,
+and the KV connector tells the worker to copy the block to that slot before anything can overwrite it. When the
+host tier is full, blocks simply stay resident (no crash, no wrong tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from sentencekv_vllm.integration.tiers import ENGINE
+
+
+@dataclass(frozen=True, kw_only=True)
+class SentenceKVSpec(FullAttentionSpec):
+    """Full attention whose middle blocks may move to the host tier after prefill."""
+
+
+class SentenceKVManager(FullAttentionManager):
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
+        if num_prompt_tokens is None or request_id not in self.req_to_blocks:
+            return
+        first, last = ENGINE.spill_range(request_id, processed_computed_tokens, num_prompt_tokens, self.block_size)
+        blocks = self.req_to_blocks[request_id]
+        last = min(last, len(blocks))
+        candidates = [i for i in range(first, last) if not blocks[i].is_null and blocks[i].ref_cnt == 1]
+        if not candidates:
+            return
+        slots = ENGINE.take_host_slots(request_id, len(candidates))
+        if not slots:
+            return      # host tier full: keep these blocks resident
+        spilled = candidates[:len(slots)]
+        ENGINE.record_spill(request_id, [(i, blocks[i].block_id, s) for i, s in zip(spilled, slots, strict=True)])
+        freed = [blocks[i] for i in spilled]
+        for i in spilled:
+            blocks[i] = self._null_block
+        self.block_pool.free_blocks(freed)
+
+    def free(self, request_id: str) -> None:
+        ENGINE.release(request_id)
+        super().free(request_id)
+
+
+def register() -> None:
+    """Map the spec to its manager (EngineCore; called by the scheduler-side connector before managers exist)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(SentenceKVSpec, SentenceKVManager, uniform_type_base_spec=FullAttentionSpec)
