@@ -1,4 +1,3 @@
 """Test access to the real-server launcher (shared with the eval harness)."""
 
-from sentencekv_vllm.eval.launch import (Server, free_port, run_serve_expecting_failure, stop,  # noqa: F401
-                                         vllm_server)
+from sentencekv_vllm.eval.launch import Server, free_port, run_serve_expecting_failure, stop, vllm_server  # noqa: F401

@@ -92,8 +92,3 @@ def install_request_validator(validate: Callable[[dict[str, Any]], None]) -> Non
     verify_extra_args._sentencekv = True  # type: ignore[attr-defined]
     SamplingParams._verify_extra_args = verify_extra_args
 
-
-def current_vllm_config() -> Any:
-    from vllm.config import get_current_vllm_config
-
-    return get_current_vllm_config()

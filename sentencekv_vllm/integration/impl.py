@@ -36,11 +36,7 @@ def offload_spec(spec):
     """``customize_spec`` hook: with ``offload: host`` the KV groups use the SentenceKV spec/manager pair."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from sentencekv_vllm.config import SentenceKVConfig
-    from sentencekv_vllm.integration.compat import current_vllm_config
-
-    cfg = SentenceKVConfig.from_additional_config(current_vllm_config().additional_config)
-    if cfg.offload != "host" or type(spec) is not FullAttentionSpec:
+    if STATE.cfg.offload != "host" or type(spec) is not FullAttentionSpec:
         return spec
     from sentencekv_vllm.integration.kv_spec import SentenceKVSpec
 
@@ -162,12 +158,15 @@ class SentenceKVImplMixin:
         on_host = slots >= 0
         if not bool(on_host.any()):
             return k, v
+        t0 = time.perf_counter()
         host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()
         hk_, hv_ = layout.gather_blocks(STATE.host.pool[lyr], host_slots, host_pos)
         sel = on_host[..., None]
+        k = torch.where(sel, hk_.to(k.device, non_blocking=True), k)
+        v = torch.where(sel, hv_.to(v.device, non_blocking=True), v)
+        metrics.observe_transfer(time.perf_counter() - t0)
         metrics.observe_swap_in(int(on_host.sum()), int(on_host.numel()), lyr, 2 * k.shape[-1] * k.element_size())
-        return (torch.where(sel, hk_.to(k.device, non_blocking=True), k),
-                torch.where(sel, hv_.to(v.device, non_blocking=True), v))
+        return k, v
 
     def _block_layout(self, layer, kv_cache) -> BlockLayout:
         """Probed once per cache shape (layers of one model share it)."""

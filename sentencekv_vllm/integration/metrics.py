@@ -42,8 +42,11 @@ def _metrics() -> dict[str, Any] | None:
             "swap_in_bytes": Counter("sentencekv_swap_in_bytes", "Bytes of K/V read from the host tier"),
             "swap_out_bytes": Gauge("sentencekv_swap_out_bytes", "Bytes copied to the host tier since start",
                                     multiprocess_mode="livesum"),
-            "host_blocks": Gauge("sentencekv_host_blocks", "Blocks held in the host tier",
+            "host_blocks": Gauge("sentencekv_host_blocks", "Blocks held in the host tier (scheduler view)",
                                  multiprocess_mode="livesum"),
+            "transfer_s": Counter("sentencekv_transfer_seconds", "Time spent copying blocks to the host tier and "
+                                  "reading selected tokens back (all layers)"),
+            "spilled": Counter("sentencekv_spilled_blocks", "Blocks moved from the device pool to the host tier"),
             "requests": Gauge("sentencekv_live_requests", "Requests with SentenceKV state",
                               multiprocess_mode="livesum"),
         }
@@ -62,7 +65,6 @@ def observe_step(plan: Any) -> None:
         m["dense_rows"].inc(max(0, len(plan.book.tok) - sparse))
     m["budget"].set(STATE.cfg.budget)
     if STATE.host is not None:
-        m["host_blocks"].set(STATE.host_used)
         m["swap_out_bytes"].set(STATE.host.bytes_out)
     m["requests"].set(len(STATE.requests))
     if STATE.store is not None:
@@ -96,3 +98,18 @@ def observe_swap_in(host_tokens: int, total_tokens: int, layer: int, bytes_per_t
         m["selected_host"].inc(host_tokens)
     if bytes_per_token:
         m["swap_in_bytes"].inc(host_tokens * bytes_per_token)
+
+
+def observe_host_blocks(used: int, spilled: int = 0) -> None:
+    """Scheduler side (EngineCore): host-tier occupancy is exact there, also when the engine goes idle."""
+    m = _metrics()
+    if m:
+        m["host_blocks"].set(used)
+        if spilled:
+            m["spilled"].inc(spilled)
+
+
+def observe_transfer(seconds: float) -> None:
+    m = _metrics()
+    if m:
+        m["transfer_s"].inc(seconds)

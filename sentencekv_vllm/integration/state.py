@@ -15,6 +15,7 @@ rewritten per layer in the forward; the pool's bytes are reported (``nbytes``) a
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
+from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.log import get_logger
 
 _INITIAL_UNITS = 1024
@@ -177,9 +179,12 @@ class WorkerState:
                 self.requests[req_id].host_map.clear()
         if spills:
             assert self.host is not None, "host tier not initialised"
+            t0 = time.perf_counter()
             self.host.spill([block for _, _, block, _ in spills], [slot for *_, slot in spills])
             for req_id, logical, _, slot in spills:
-                self.requests[req_id].host_map[logical] = slot
+                if req_id in self.requests:
+                    self.requests[req_id].host_map[logical] = slot
+            metrics.observe_transfer(time.perf_counter() - t0)
         self.host_used = host_used
 
     def segmenter(self, kind: str) -> Any:

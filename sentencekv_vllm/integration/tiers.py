@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.integration import metrics
 
 
 @dataclass
@@ -68,6 +69,7 @@ class EngineTier:
     def record_spill(self, req_id: str, moves: list[tuple[int, int, int]]) -> None:
         self.pending_spills.extend((req_id, logical, block, slot) for logical, block, slot in moves)
         self.stats.spilled_blocks += len(moves)
+        metrics.observe_host_blocks(self.host_used, spilled=len(moves))
 
     def release(self, req_id: str) -> None:
         """Finish, abort or preemption: host slots return to the pool; the worker forgets the request's map."""
@@ -76,6 +78,7 @@ class EngineTier:
         self.stats.released_blocks += len(slots)
         if slots:
             self.pending_releases.append(req_id)
+            metrics.observe_host_blocks(self.host_used)
 
     def forget(self, req_id: str) -> None:
         self.budgets.pop(req_id, None)

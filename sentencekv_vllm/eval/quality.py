@@ -1,0 +1,85 @@
+"""Quality at a fixed budget: NIAH grid, RULER-style tasks, QA; per-sample negatives and output lengths vs FULL."""
+
+from __future__ import annotations
+
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm import tqdm
+
+from sentencekv_vllm.eval import tasks
+from sentencekv_vllm.eval.engines import Engine
+
+NEGATIVE_THETA = 0.10   # a sample is a negative when its score drops by more than 10% vs FULL
+
+
+def run_samples(engine: Engine, samples: list[dict], max_tokens: int, desc: str, concurrency: int = 4,
+                temperature: float = 0.0) -> list[dict]:
+    def one(item: tuple[int, dict]) -> dict:
+        i, sample = item
+        out = engine.complete(sample["prompt"], max_tokens, temperature=temperature, seed=i if temperature else None)
+        return {"task": sample["task"], "meta": sample["meta"], "answers": sample["answers"], "output": out["text"],
+                "tokens": out["tokens"], "score": tasks.score(sample, out["text"]) if sample["answers"] else None}
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(tqdm(pool.map(one, enumerate(samples)), total=len(samples), desc=desc))
+
+
+def summarize(results: dict[str, list[dict]]) -> dict[str, Any]:
+    """Accuracy per policy and task, per-sample negatives and output-length ratios vs FULL."""
+    summary: dict[str, Any] = {}
+    full = results.get("full")
+    for policy, rows in results.items():
+        by_task: dict[str, list[float]] = {}
+        for r in rows:
+            if r["score"] is not None:
+                by_task.setdefault(r["task"], []).append(r["score"])
+        entry: dict[str, Any] = {"accuracy": {t: statistics.mean(v) for t, v in by_task.items()},
+                                 "n": {t: len(v) for t, v in by_task.items()}}
+        scored = [r["score"] for r in rows if r["score"] is not None]
+        entry["accuracy_all"] = statistics.mean(scored) if scored else None
+        if full is not None and policy != "full":
+            entry.update(compare_to_full(full, rows))
+        summary[policy] = entry
+    return summary
+
+
+def compare_to_full(full: list[dict], rows: list[dict]) -> dict[str, Any]:
+    pairs = list(zip(full, rows, strict=True))
+    negatives = [f["score"] is not None and r["score"] < f["score"] * (1 - NEGATIVE_THETA) for f, r in pairs]
+    scored = [f["score"] is not None for f, _ in pairs]
+    ratios = [r["tokens"] / max(1, f["tokens"]) for f, r in pairs]
+    return {"negative_share": sum(negatives) / max(1, sum(scored)),
+            "length_ratio_median": statistics.median(ratios),
+            "length_ratio_ge_1_5_share": sum(x >= 1.5 for x in ratios) / len(ratios)}
+
+
+def niah_grid(tokenizer, contexts: list[int], depths: list[float], seeds: list[int]) -> list[dict]:
+    return [tasks.niah(tokenizer, c, d, s) for c in contexts for d in depths for s in seeds]
+
+
+def niah_heatmap(results: dict[str, list[dict]], path: str) -> None:
+    """One panel per policy: accuracy by context length (x) and needle depth (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(results)
+    fig, axes = plt.subplots(1, len(policies), figsize=(4 * len(policies), 3.6), squeeze=False)
+    for ax, policy in zip(axes[0], policies, strict=True):
+        rows = [r for r in results[policy] if r["task"] == "niah"]
+        ctxs = sorted({r["meta"]["ctx"] for r in rows})
+        depths = sorted({r["meta"]["depth"] for r in rows})
+        grid = [[statistics.mean(r["score"] for r in rows if r["meta"]["ctx"] == c and r["meta"]["depth"] == d)
+                 for c in ctxs] for d in depths]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(ctxs)), [str(c) for c in ctxs])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context tokens")
+        ax.set_ylabel("needle depth")
+        ax.set_title(policy)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,106 @@
+"""Issue #5: two-tier KV memory. Same tokens with and without offload; more concurrent decodes in a small
+device pool than FULL; device and host usage back to idle afterwards. Real `vllm serve`, real model."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from tests import prompts
+from tests.server import vllm_server
+
+pytestmark = pytest.mark.slow
+
+F32 = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "8192", "--max-num-seqs", "16",
+       "--served-model-name", "smollm2", "--attention-backend", "sentencekv")
+
+
+def skv_config(**kw) -> tuple[str, str]:
+    return "--additional-config", json.dumps({"sentencekv": {"budget": 512, **kw}})
+
+
+def complete(client, prompt: str, max_tokens: int = 32) -> str:
+    res = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return res.choices[0].text
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
+    return sum(values)
+
+
+@pytest.fixture(scope="module")
+def identity_prompts(tokenizer):
+    return ([prompts.needle_prompt(tokenizer, 4500), prompts.long_prompt(tokenizer, 6000, 100_000)]
+            + [prompts.long_prompt(tokenizer, n, off) for n, off in ((1500, 20_000), (3000, 450_000),
+                                                                     (2200, 800_000))])
+
+
+@pytest.fixture(scope="module")
+def resident_outputs(model_path, identity_prompts):
+    with vllm_server(model_path, *F32, *skv_config()) as srv:
+        client = openai.OpenAI(base_url=srv.v1, api_key="x")
+        return [complete(client, p) for p in identity_prompts]
+
+
+def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, identity_prompts, resident_outputs):
+    with vllm_server(model_path, *F32, *skv_config(offload="host", host_pool_gib=2.0), metrics=True) as srv:
+        client = openai.OpenAI(base_url=srv.v1, api_key="x")
+        alone = [complete(client, p) for p in identity_prompts]
+        with ThreadPoolExecutor(len(identity_prompts)) as pool:
+            together = list(pool.map(lambda p: complete(client, p), identity_prompts))
+        text = srv.metrics()
+    assert metric(text, "sentencekv_spilled_blocks_total") > 50, "nothing was offloaded"
+    assert metric(text, "sentencekv_selected_host_tokens_total") > 0, "no token was read from the host tier"
+    assert alone == resident_outputs
+    assert together == resident_outputs
+
+
+SMALL_POOL = ("--enforce-eager", "--max-model-len", "4096", "--block-size", "128", "--num-gpu-blocks-override",
+              "40", "--max-num-seqs", "16", "--served-model-name", "smollm2")
+
+
+def max_running_during(srv, prompt_list: list[str], max_tokens: int) -> tuple[float, list[str]]:
+    client = openai.OpenAI(base_url=srv.v1, api_key="x", timeout=600)
+    peak, done = 0.0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, metric(srv.metrics(), "vllm:num_requests_running"))
+            time.sleep(0.3)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(len(prompt_list)) as pool:
+            outs = list(pool.map(lambda p: complete(client, p, max_tokens), prompt_list))
+    finally:
+        done.set()
+        sampler.join()
+    return peak, outs
+
+
+def test_small_pool_decodes_more_requests_concurrently(model_path, tokenizer):
+    """40 blocks x 128 tokens; each prompt needs 24 blocks: FULL runs one at a time, SentenceKV keeps ~3 blocks
+    per decoding request on the device and the rest on the host."""
+    batch = [prompts.long_prompt(tokenizer, 3000, 30_000 + 97_000 * i) for i in range(6)]
+    with vllm_server(model_path, *SMALL_POOL, metrics=True) as full:
+        full_peak, _ = max_running_during(full, batch, 96)
+    with vllm_server(model_path, *SMALL_POOL, "--attention-backend", "sentencekv",
+                     *skv_config(offload="host", host_pool_gib=2.0), metrics=True) as skv:
+        skv_peak, outs = max_running_during(skv, batch, 96)
+        time.sleep(2)
+        idle = skv.metrics()
+    assert all(outs)
+    assert full_peak <= 1
+    assert skv_peak >= 4, f"SentenceKV peak running {skv_peak} vs FULL {full_peak}"
+    assert metric(idle, "vllm:kv_cache_usage_perc") == 0
+    assert metric(idle, "sentencekv_host_blocks") == 0
+    assert metric(idle, "sentencekv_spilled_blocks_total") > 0
