@@ -17,8 +17,10 @@ NEGATIVE_THETA = 0.10   # a sample is a negative when its score drops by more th
 def run_samples(engine: Engine, samples: list[dict], max_tokens: int, desc: str, concurrency: int = 4,
                 temperature: float = 0.0) -> list[dict]:
     def one(item: tuple[int, dict]) -> dict:
-        i, sample = item
-        out = engine.complete(sample["prompt"], max_tokens, temperature=temperature, seed=i if temperature else None)
+        _, sample = item
+        # no per-request seed: on vLLM 0.32 CPU a seeded request in a chunked-prefill step kills the engine
+        # ("CPU Generator does not use offset", stock vLLM, see docs/STATUS.md)
+        out = engine.complete(sample["prompt"], max_tokens, temperature=temperature)
         return {"task": sample["task"], "meta": sample["meta"], "answers": sample["answers"], "output": out["text"],
                 "tokens": out["tokens"], "score": tasks.score(sample, out["text"]) if sample["answers"] else None}
 
