@@ -23,13 +23,16 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -n
   touch "$STAMP"
 fi
 
-# A real Prometheus server for the metrics tests (Debian package; needs root, as in CI).
-if ! command -v prometheus >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
-         apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; }) \
-    || echo "warning: could not install Debian's prometheus (the metrics test will fail)" >&2
-fi
+# Debian packages for the tests: a real Prometheus server (metrics) and headless Chromium (inspector page).
+# Needs root, as in CI.
+for pkg in prometheus chromium; do
+  if ! command -v "$pkg" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -q --no-install-recommends "$pkg" >/dev/null 2>&1; }) \
+      || echo "warning: could not install Debian's $pkg (a test that needs it will fail)" >&2
+  fi
+done
 
 "$VPY" -m sentencekv_vllm.fixtures model >/dev/null
 "$VPY" -m sentencekv_vllm.fixtures haystack >/dev/null

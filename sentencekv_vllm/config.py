@@ -46,6 +46,8 @@ class SentenceKVConfig:
     offload: ``none`` | ``host`` (two-tier memory; see README).
     host_pool_gib: size of the host tier when ``offload == "host"``.
     stats: collect per-step statistics (attended tokens, selection time) for metrics.
+    trace_requests: retrieval trace ring size (0 = off): the last N finished requests' sentences and what each
+        generated sentence retrieved, for the inspector endpoints (``/sentencekv/...``).
     """
 
     budget: int = 1024
@@ -64,6 +66,7 @@ class SentenceKVConfig:
     offload: str = "none"
     host_pool_gib: float = 4.0
     stats: bool = True
+    trace_requests: int = 0
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -120,7 +123,7 @@ class SentenceKVConfig:
 
 
 _INT_KEYS = ("budget", "sinks", "recent", "min_sentence_len", "max_sentence_len", "obs_window", "pool_kernel",
-             "quest_page_size")
+             "quest_page_size", "trace_requests")
 _FLOAT_KEYS = ("semantic_factor", "host_pool_gib")
 _BOOL_KEYS = ("keep_unretained", "stats")
 _CHOICES = {"policy": POLICIES, "segmentation": SEGMENTATION_MODES, "offload": OFFLOAD_MODES}
@@ -150,7 +153,7 @@ def _check_values(cfg: SentenceKVConfig) -> None:
     for key in ("budget", "min_sentence_len", "max_sentence_len", "obs_window", "pool_kernel", "quest_page_size"):
         if getattr(cfg, key) <= 0:
             raise SentenceKVConfigError(key, f"must be > 0, got {getattr(cfg, key)}")
-    for key in ("sinks", "recent"):
+    for key in ("sinks", "recent", "trace_requests"):
         if getattr(cfg, key) < 0:
             raise SentenceKVConfigError(key, f"must be >= 0, got {getattr(cfg, key)}")
     if cfg.budget <= cfg.sinks + cfg.recent:

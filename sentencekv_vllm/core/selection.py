@@ -128,11 +128,12 @@ def score_quest(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
 
 
 def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
-           batch: SelectionBatch) -> torch.Tensor:
+           batch: SelectionBatch, details: dict | None = None) -> torch.Tensor:
     """Token mask ``[R, Hk, T]`` for one layer.
 
     policy: ``sentencekv`` / ``quest`` score units with the query; ``streaming`` keeps sinks + the most recent
-    ``budget - sinks`` tokens; ``full`` keeps everything.
+    ``budget - sinks`` tokens; ``full`` keeps everything. ``details`` (optional dict) receives the unit ``scores``
+    and ``allowed`` token counts ``[R, Hk, S]`` of scored policies (used by the retrieval trace).
     """
     r = batch.seq_lens.shape[0]
     if policy == "full":
@@ -153,4 +154,7 @@ def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
     _, lengths = batch.clipped()
     scores = scores.masked_fill((lengths == 0)[:, None, :], NEG_INF)
     room = (batch.budget - batch.sinks - batch.recent).clamp(min=0)
-    return token_mask(batch, fill_budget(scores, lengths, room))
+    allowed = fill_budget(scores, lengths, room)
+    if details is not None:
+        details.update(scores=scores, allowed=allowed)
+    return token_mask(batch, allowed)

@@ -41,12 +41,13 @@ def runner_rows(runner: Any, num_reqs: int) -> list[RowInfo]:
     return rows
 
 
-def on_request_removed(runner: Any, callback: Callable[[str], None]) -> None:
-    """Call ``callback(req_id)`` when the runner drops a finished or aborted request."""
+def on_request_removed(runner: Any, callback: Callable[[str, list[int]], None]) -> None:
+    """Call ``callback(req_id, all_token_ids)`` when the runner drops a finished or aborted request."""
     original = runner._on_request_state_removed
 
     def hook(req_id: str, req_state: Any) -> None:
-        callback(req_id)
+        tokens = list(req_state.prompt_token_ids or []) + list(req_state.output_token_ids or [])
+        callback(req_id, tokens)
         original(req_id, req_state)
 
     runner._on_request_state_removed = hook

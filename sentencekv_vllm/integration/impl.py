@@ -140,7 +140,10 @@ class SentenceKVImplMixin:
             valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
             feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
                                  store.feat_b[lyr, g.unit_slots] if store.quest else None)
-        mask = select(g.policy, q_sel, feats, g.batch)
+        details: dict | None = {} if g.traced else None
+        mask = select(g.policy, q_sel, feats, g.batch, details)
+        if details:
+            self._trace(lyr, g, details)
         if mask.shape[1] != self.num_kv_heads:
             mask = mask.expand(-1, self.num_kv_heads, -1)
         pos, ok = gather_selected(mask, g.width)
@@ -150,6 +153,20 @@ class SentenceKVImplMixin:
             k, v = self._swap_in(layout, lyr, g, pos, k, v)
         output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
         return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
+
+    def _trace(self, lyr: int, g: SparseGroup, details: dict) -> None:
+        """Accumulate per-unit selections over layers and heads; hand them to the requests at the last layer."""
+        chosen = details["allowed"] > 0
+        hits = chosen.sum(1).float()
+        scores = details["scores"].masked_fill(~chosen, 0).sum(1)
+        if g.trace_hits is None:
+            g.trace_hits, g.trace_scores = hits, scores
+        else:
+            g.trace_hits += hits
+            g.trace_scores += scores
+        if lyr == STATE.store.dims[0] - 1:
+            for row, req, n in g.traced:
+                req.trace.add(g.trace_hits[row, :n], g.trace_scores[row, :n])
 
     def _swap_in(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, k, v):
         """Selected tokens whose blocks live on the host are read from the host pool (the swap-in)."""

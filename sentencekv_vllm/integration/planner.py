@@ -62,6 +62,9 @@ class SparseGroup:
     block_table: torch.Tensor  # [Rs, max_blocks]
     width: int
     host_slots: torch.Tensor | None = None   # [Rs, max_blocks] host slot of each logical block, -1 = on device
+    traced: list[tuple[int, RequestState, int]] = field(default_factory=list)  # (row, request, units) to trace
+    trace_hits: torch.Tensor | None = None   # [Rs, S] selections summed over layers and heads (trace mode)
+    trace_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -173,6 +176,8 @@ def _plan_decode(book: dict[str, list], req: RequestState, row: RowInfo, q0: int
         end = ends[-1]
         assert end == pos, f"sentence end {end} must be the current position {pos}"
         unit = STATE.store.alloc_units(1)[0]
+        if req.trace is not None:
+            req.trace.close(req.open_start, end, req.cfg.budget, req.trace_pairs)
         book["close_rows"].append(len(book["tok"]))
         book["close_units"].append(unit)
         book["close_count"].append(float(end - req.open_start))
@@ -226,7 +231,8 @@ def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], s
         q_count=(totals - open_starts).float().to(dev), batch=batch, unit_slots=slots.to(dev),
         unit_valid=valid.to(dev), block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
         width=int(min(budgets.max(), totals.max())),
-        host_slots=None if host_slots is None else host_slots.to(dev))
+        host_slots=None if host_slots is None else host_slots.to(dev),
+        traced=[(j, req, n) for j, (_, req, _, n) in enumerate(rows) if req.trace is not None])
 
 
 def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:

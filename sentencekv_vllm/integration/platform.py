@@ -98,6 +98,10 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
         cache.enable_prefix_caching = False
     if cfg.offload == "host":
         _install_connector(vllm_config)
+    if cfg.trace_requests > 0:
+        from sentencekv_vllm.integration.trace import trace_dir
+
+        trace_dir()     # creates $SENTENCEKV_TRACE_DIR here, before the engine processes are spawned
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _STOCK_WORKERS:
         parallel.worker_cls = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER

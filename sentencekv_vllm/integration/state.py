@@ -23,8 +23,9 @@ import torch
 
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
-from sentencekv_vllm.integration import metrics
+from sentencekv_vllm.integration import metrics, trace
 from sentencekv_vllm.integration.log import get_logger
+from sentencekv_vllm.integration.trace import RequestTrace
 
 _INITIAL_UNITS = 1024
 
@@ -44,6 +45,8 @@ class RequestState:
     stream: Any = None                          # incremental segmenter over generated tokens
     open_start: int = 0                         # first position of the open (generated) sentence
     host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
+    trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0)
+    trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def unit_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,24 +162,31 @@ class WorkerState:
             raise RuntimeError("SentenceKV: more running requests than scheduler_config.max_num_seqs")
         state = RequestState(req_id, self.request_config(extra_args), self.store.free_slots.pop(),
                              prompt_len, seen=start)
+        if self.cfg.trace_requests > 0:
+            state.trace = RequestTrace()
+            state.trace_pairs = self.store.dims[0] * self.store.dims[1]
         self.requests[req_id] = state
         return state
 
-    def release(self, req_id: str) -> None:
-        """Free a request's units and slot (finish, abort, preemption); safe to call twice."""
+    def release(self, req_id: str, token_ids: list[int] | None = None) -> None:
+        """Free a request's units and slot (finish, abort, preemption); safe to call twice. With ``token_ids``
+        (the runner dropped the request) a traced request's trace is written first."""
         state = self.requests.pop(req_id, None)
         if state is None or self.store is None:
             return
+        if state.trace is not None and token_ids is not None and state.indexed:
+            block_size = self.vllm_config.cache_config.block_size
+            trace.write(req_id, state, token_ids, self.tokenizer(), self.cfg.trace_requests, block_size)
         self.store.free(state.unit_slots)
         self.store.free_slots.append(state.slot)
 
     def apply_tier_changes(self, spills: list[tuple[str, int, int, int]], releases: list[str],
                            host_used: int) -> None:
-        """Connector metadata of this step, applied before the forward: drop host maps of released requests,
-        copy newly freed blocks to their host slots and record them in the requests' host maps."""
-        for req_id in releases:
-            if req_id in self.requests:
-                self.requests[req_id].host_map.clear()
+        """Connector metadata of this step, applied before the forward: copy newly freed blocks to their host
+        slots and record them in the requests' host maps. Released requests (finish, abort, preemption) need
+        nothing here: a preempted request restarts from position 0 and gets a fresh state, and the map of a
+        finished one is still read once by the retrieval trace."""
+        del releases
         if spills:
             assert self.host is not None, "host tier not initialised"
             t0 = time.perf_counter()
@@ -186,6 +196,11 @@ class WorkerState:
                     self.requests[req_id].host_map[logical] = slot
             metrics.observe_transfer(time.perf_counter() - t0)
         self.host_used = host_used
+
+    def tokenizer(self) -> Any:
+        if "tokenizer" not in self._segmenters:
+            self._segmenters["tokenizer"] = _load_tokenizer(self.vllm_config)
+        return self._segmenters["tokenizer"]
 
     def segmenter(self, kind: str) -> Any:
         """Lazily built segmenters (the token table decodes the whole vocabulary once)."""
@@ -205,15 +220,19 @@ def _make_segmenter(kind: str, cfg: SentenceKVConfig, vllm_config: Any) -> Any:
 
     if kind == "pages":
         return FixedLengthSegmenter(cfg.quest_page_size)
-    from transformers import AutoTokenizer
-
-    mc = vllm_config.model_config
-    tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
-                                              trust_remote_code=mc.trust_remote_code)
+    tokenizer = STATE.tokenizer()
     rule = LengthRule(cfg.min_sentence_len, cfg.max_sentence_len)
     if kind == "spacy":
         return SpacySegmenter(tokenizer, rule, cfg.spacy_model)
     return PunctSegmenter(TokenClasses.from_tokenizer(tokenizer), rule)
+
+
+def _load_tokenizer(vllm_config: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    mc = vllm_config.model_config
+    return AutoTokenizer.from_pretrained(mc.tokenizer, revision=mc.tokenizer_revision,
+                                         trust_remote_code=mc.trust_remote_code)
 
 
 STATE = WorkerState()
