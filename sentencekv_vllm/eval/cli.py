@@ -59,17 +59,20 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     return {
         "budget": args.budget or (256 if quick else 512),
-        "contexts": args.contexts or ([1500, 3000] if quick else [1000, 2000, 4000, 6000]),
-        "depths": args.depths or ([0.2, 0.8] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]),
+        "contexts": args.contexts or ([1500] if quick else [1000, 2000, 4000, 6000]),
+        "depths": args.depths or ([0.3, 0.7] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]),
         "seeds": args.seeds or ([0] if quick else [0, 1]),
-        "ruler_contexts": [2000] if quick else [2000, 4000],
+        "ruler_contexts": [1500] if quick else [2000, 4000],
         "batches": args.batches or ([1, 4] if quick else [1, 4, 8]),
-        "bench_contexts": [2000] if quick else [2000, 4000],
-        "memory_contexts": [2000] if quick else [2000, 4000, 7900],
-        "poisson_requests": 6 if quick else 16,
+        "bench_contexts": [1500] if quick else [2000, 4000],
+        "bench_policies": ["full", "sentencekv"] if quick else list(POLICIES),
+        "memory_contexts": [1500] if quick else [2000, 4000, 7900],
+        "memory_requests": 4 if quick else 8,
+        "poisson_requests": 4 if quick else 16,
         "poisson_rate": 0.5,
-        "bench_tokens": 32 if quick else 64,
-        "length_prompts": 2 if quick else 6,
+        "bench_tokens": 24 if quick else 64,
+        "length_prompts": 1 if quick else 6,
+        "length_tokens": 64 if quick else 160,
     }
 
 
@@ -123,13 +126,13 @@ def run_quality_and_serving(spec: EngineSpec, tokenizer, cfg: dict, parts: list[
     with engines_for(spec, policies) as engines:
         for engine in engines:
             for part, items in samples.items():
-                max_tokens = 160 if part == "lengths" else 24
+                max_tokens = cfg["length_tokens"] if part == "lengths" else 24
                 outputs[part][engine.policy] = quality.run_samples(engine, items, max_tokens,
                                                                    f"{part}/{engine.policy}")
                 if part == "lengths":
                     outputs["lengths_t07"][engine.policy] = quality.run_samples(
                         engine, items, max_tokens, f"{part}@T0.7/{engine.policy}", temperature=0.7)
-            if "serve-bench" in parts:
+            if "serve-bench" in parts and engine.policy in cfg["bench_policies"]:
                 bench[engine.policy] = serve_bench(engine, tokenizer, cfg)
     for part, per_policy in outputs.items():
         if per_policy:
@@ -187,11 +190,14 @@ def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
     budget = 1024
     rows = []
     for ctx in cfg["memory_contexts"]:
-        prompt = _chat(tokenizer, _haystack(tokenizer, ctx, rng) + "\n\nSummarize.")
+        # distinct prompts: identical ones would share blocks through FULL's prefix cache
+        batch = [_chat(tokenizer, _haystack(tokenizer, ctx, rng) + "\n\nSummarize.")
+                 for _ in range(cfg["memory_requests"])]
+        prompt = batch[0]
         max_len = ctx + 256
         # room for two FULL requests of this length (and one max_model_len request: vLLM's start-up check)
         pool_blocks = max(2 * (-(-(ctx + 128) // 128)) + 2, -(-max_len // 128))
-        n_requests = 8
+        n_requests = cfg["memory_requests"]
         row: dict[str, Any] = {"ctx": ctx, "pool_blocks": pool_blocks, "requests": n_requests}
         for name, extra in (("full", []), ("sentencekv", ["--attention-backend", "sentencekv",
                                                           "--additional-config", json.dumps({"sentencekv": {
@@ -202,11 +208,12 @@ def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
             with vllm_server(spec.model, *common, *extra, metrics=True) as srv:
                 engine = Engine(srv, "full" if name == "full" else "sentencekv")
                 row[f"{name}_blocks_per_request"] = serving.device_blocks_per_request(engine, prompt, 48)
-                point = serving.batch_point(engine, [prompt] * n_requests, 48)
+                point = serving.batch_point(engine, batch, 48)
                 row[f"{name}_max_running"] = point["peak_running"]
                 row[f"{name}_tpot_s"] = point["tpot_s"]
                 row[f"{name}_transfer_s"] = point["transfer_s"]
                 row[f"{name}_decode_s"] = point["decode_s_sum"]
+                row[f"{name}_preemptions"] = point["preemptions"]
         rows.append(row)
         print(f"[memory] ctx={ctx}: {row}", file=sys.stderr)
     return {"budget": budget, "rows": rows}

@@ -82,7 +82,8 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
         conc = r["sentencekv_max_running"] / r["full_max_running"] if r["full_max_running"] else None
         table.append([r["ctx"], r["full_blocks_per_request"], r["sentencekv_blocks_per_request"], ratio,
                       r["pool_blocks"], r["requests"], r["full_max_running"], r["sentencekv_max_running"], conc,
-                      r["full_tpot_s"] * 1000, r["sentencekv_tpot_s"] * 1000, r["sentencekv_transfer_s"]])
+                      r["full_tpot_s"] * 1000, r["sentencekv_tpot_s"] * 1000, r["sentencekv_transfer_s"],
+                      r.get("full_preemptions"), r.get("sentencekv_preemptions")])
     return _table(["prompt tokens", "FULL blocks/req", "SKV blocks/req", "SKV/FULL", "pool blocks", "requests",
                    "FULL max running", "SKV max running", "concurrency x", "FULL TPOT ms", "SKV TPOT ms",
-                   "SKV transfer s"], table)
+                   "SKV transfer s", "FULL preemptions", "SKV preemptions"], table)

@@ -99,6 +99,7 @@ def batch_point(engine: Engine, prompts: list[str], max_tokens: int) -> dict[str
         "selection_s": delta("sentencekv_selection_seconds_total"),
         "transfer_s": delta("sentencekv_transfer_seconds_total"),
         "decode_s_sum": decode_s,
+        "preemptions": delta("vllm:num_preemptions_total"),
     }
 
 

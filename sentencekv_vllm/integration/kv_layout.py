@@ -74,13 +74,39 @@ class BlockLayout:
 
     def gather_blocks(self, flat: torch.Tensor, blocks: torch.Tensor,
                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same, from ``flat`` ``[num_blocks, block_numel]`` storage with explicit block ids ``[R, Hk, W]``."""
+        """Same, from ``flat`` ``[num_blocks, block_numel]`` storage with explicit block ids ``[R, Hk, W]``.
+
+        One 1-D ``take`` per tensor. When the layout is affine in the head dim (offset = base(token, head) +
+        d * stride, true for CPU_ATTN and FlashAttention), only the base is looked up per token.
+        """
         hk = positions.shape[1]
         heads = torch.arange(hk, device=positions.device).view(1, hk, 1)
         off = positions % self.block_size
-        k_off, v_off = self.k_off.to(positions.device), self.v_off.to(positions.device)
-        b = blocks[..., None]
-        return flat[b, k_off[off, heads]], flat[b, v_off[off, heads]]
+        start = blocks * flat.shape[1]
+        values = flat.reshape(-1)
+        out = []
+        for table, stride in ((self.k_off, self._k_stride), (self.v_off, self._v_stride)):
+            table = table.to(positions.device)
+            if stride is None:
+                lin = start[..., None] + table[off, heads]
+            else:
+                base = start + table[:, :, 0][off, heads]
+                lin = base[..., None] + stride * torch.arange(table.shape[-1], device=positions.device)
+            out.append(values.take(lin))
+        return out[0], out[1]
+
+    def __post_init__(self) -> None:
+        self._k_stride = _affine_stride(self.k_off)
+        self._v_stride = _affine_stride(self.v_off)
+
+def _affine_stride(table: torch.Tensor) -> int | None:
+    """``s`` if ``table[t, h, d] == table[t, h, 0] + d * s`` everywhere, else None."""
+    if table.shape[-1] < 2:
+        return 1
+    s = int(table[0, 0, 1] - table[0, 0, 0])
+    expected = table[..., :1] + s * torch.arange(table.shape[-1], device=table.device)
+    return s if torch.equal(table, expected) else None
+
 
 def block_numel(kv_cache: torch.Tensor) -> int:
     """Elements of one block; the cache must be block-major (true for every vLLM 0.32 per-layer layout)."""

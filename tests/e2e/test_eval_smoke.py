@@ -1,0 +1,32 @@
+"""Issue #6: `sentencekv-eval all --quick` runs end to end against real servers and writes its report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_eval_writes_report(tmp_path: Path):
+    out = tmp_path / "quick"
+    exe = Path(sys.executable).parent / "sentencekv-eval"
+    res = subprocess.run([str(exe), "all", "--quick", "--out", str(out)], capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    parts = results["parts"]
+    assert {"niah", "ruler", "qa", "lengths", "lengths_t07", "serve-bench", "memory"} <= set(parts)
+    for part in ("niah", "ruler"):
+        assert set(parts[part]["summary"]) == {"full", "sentencekv", "streaming", "quest"}
+        assert "negative_share" in parts[part]["summary"]["sentencekv"]
+    assert parts["serve-bench"]["per_policy"]["sentencekv"]["grid"][0]["tpot_s"] > 0
+    assert parts["memory"]["rows"][0]["sentencekv_blocks_per_request"] > 0
+    report = (out / "report.md").read_text()
+    assert "Needle in a haystack" in report and "| sentencekv |" in report
+    assert (out / "niah_heatmap.png").stat().st_size > 5000 and (out / "latency_cdf.png").exists()
+    assert results["config"]["vllm"].startswith("0.32")
