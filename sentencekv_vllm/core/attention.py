@@ -9,11 +9,12 @@ import torch
 
 
 def gathered_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
-                       scale: float) -> torch.Tensor:
+                       scale: float, details: dict | None = None) -> torch.Tensor:
     """Exact softmax attention of one query token per row over per-KV-head gathered tokens.
 
     query ``[R, Hq, D]``; keys / values ``[R, Hk, B, D]``; valid ``[R, Hk, B]`` bool (padding False).
-    Returns ``[R, Hq, D]`` in the query's dtype; math in float32.
+    Returns ``[R, Hq, D]`` in the query's dtype; math in float32. ``details`` (optional) receives ``probs``
+    ``[R, Hk, B]``: attention mass per gathered token, summed over each KV head's query group.
 
     Written as broadcast products + reductions rather than batched matmuls: every output element is then
     reduced in the same order whatever the batch holds, so a request gets bit-identical results alone and inside
@@ -26,6 +27,8 @@ def gathered_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     logits = (q * keys.float()[:, :, None]).sum(-1) * scale                  # [R, Hk, G, B]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = logits.softmax(dim=-1)
+    if details is not None:
+        details["probs"] = probs.sum(2)
     out = (probs[..., None] * values.float()[:, :, None]).sum(-2)           # [R, Hk, G, D]
     return out.reshape(r, hq, d).to(query.dtype)
 

@@ -6,7 +6,9 @@ list must keep the general plugin ``sentencekv``) and ``"trace_requests": N`` in
 * ``GET /sentencekv/config`` -- the effective SentenceKV configuration;
 * ``GET /sentencekv/requests`` -- ids of the traced requests still in the ring, newest first;
 * ``GET /sentencekv/requests/{request_id}?top=K`` -- sentences (spans, text, tier) and, per generated sentence, the
-  K most retrieved sentences with their scores; the OpenAI response id (``cmpl-...``) is enough (prefix match);
+  K retrieved sentences that drew the most attention (``attention``: share of the attention mass on selected
+  middle tokens; ``hits``/``share``: how many layer x KV-head selections; ``mean_score``: selection score); the
+  OpenAI response id (``cmpl-...``) is enough (prefix match);
 * ``GET /sentencekv/ui`` -- the web page.
 """
 

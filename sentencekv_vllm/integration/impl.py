@@ -142,8 +142,6 @@ class SentenceKVImplMixin:
                                  store.feat_b[lyr, g.unit_slots] if store.quest else None)
         details: dict | None = {} if g.traced else None
         mask = select(g.policy, q_sel, feats, g.batch, details)
-        if details:
-            self._trace(lyr, g, details)
         if mask.shape[1] != self.num_kv_heads:
             mask = mask.expand(-1, self.num_kv_heads, -1)
         pos, ok = gather_selected(mask, g.width)
@@ -151,22 +149,30 @@ class SentenceKVImplMixin:
         k, v = layout.gather(kv_cache, g.block_table, pos)
         if g.host_slots is not None:
             k, v = self._swap_in(layout, lyr, g, pos, k, v)
-        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
+        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale, details).to(output.dtype)
+        if details is not None and "scores" in details:
+            self._trace(lyr, g, details, pos, ok)
         return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
 
-    def _trace(self, lyr: int, g: SparseGroup, details: dict) -> None:
-        """Accumulate per-unit selections over layers and heads; hand them to the requests at the last layer."""
+    def _trace(self, lyr: int, g: SparseGroup, details: dict, pos, ok) -> None:
+        """Accumulate, per unit, selections, scores and the attention mass its selected tokens received (sinks and
+        the recent window excluded), over layers and heads; hand them to the requests at the last layer."""
         chosen = details["allowed"] > 0
         hits = chosen.sum(1).float()
         scores = details["scores"].masked_fill(~chosen, 0).sum(1)
-        if g.trace_hits is None:
-            g.trace_hits, g.trace_scores = hits, scores
-        else:
-            g.trace_hits += hits
-            g.trace_scores += scores
+        b = g.batch
+        r, hk, w = pos.shape
+        middle = ok & (pos >= b.sinks.view(r, 1, 1)) & (pos < (b.seq_lens - b.recent).view(r, 1, 1))
+        unit = torch.searchsorted(b.ends.contiguous(), pos.reshape(r, -1), right=True).view(r, hk, w)
+        n_units = hits.shape[1]
+        mass = torch.zeros(r, n_units + 1, device=pos.device)
+        mass.scatter_add_(1, unit.clamp(max=n_units).reshape(r, -1),
+                          (details["probs"] * middle).reshape(r, -1))
+        acc = (hits, scores, mass[:, :n_units])
+        g.trace_acc = acc if g.trace_acc is None else tuple(a + x for a, x in zip(g.trace_acc, acc, strict=True))
         if lyr == STATE.store.dims[0] - 1:
             for row, req, n in g.traced:
-                req.trace.add(g.trace_hits[row, :n], g.trace_scores[row, :n])
+                req.trace.add(*(a[row, :n] for a in g.trace_acc))
 
     def _swap_in(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, k, v):
         """Selected tokens whose blocks live on the host are read from the host pool (the swap-in)."""

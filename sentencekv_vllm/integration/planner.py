@@ -63,8 +63,7 @@ class SparseGroup:
     width: int
     host_slots: torch.Tensor | None = None   # [Rs, max_blocks] host slot of each logical block, -1 = on device
     traced: list[tuple[int, RequestState, int]] = field(default_factory=list)  # (row, request, units) to trace
-    trace_hits: torch.Tensor | None = None   # [Rs, S] selections summed over layers and heads (trace mode)
-    trace_scores: torch.Tensor | None = None
+    trace_acc: tuple[torch.Tensor, ...] | None = None   # [Rs, S] hits, scores, attention mass (trace mode)
 
 
 @dataclass

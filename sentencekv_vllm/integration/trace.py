@@ -23,7 +23,7 @@ import torch
 TRACE_DIR_ENV = "SENTENCEKV_TRACE_DIR"
 MAX_UNITS = 4096
 MAX_RECORDS = 256
-TOP_UNITS = 8
+TOP_UNITS = 32
 
 
 def trace_dir() -> Path:
@@ -37,33 +37,33 @@ def trace_dir() -> Path:
 
 @dataclass
 class RequestTrace:
-    hits: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    score_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    """Per unit, for the open generated sentence: selections (layer x KV-head pairs), summed selection scores and
+    the attention mass its selected tokens received (summed over query heads and layers)."""
+
+    acc: torch.Tensor = field(default_factory=lambda: torch.zeros(3, 0))   # rows: hits, score sum, mass
     steps: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, hits: torch.Tensor, score_sum: torch.Tensor) -> None:
-        """Add one step's per-unit counts (summed over layers and heads) for the open generated sentence."""
+    def add(self, hits: torch.Tensor, score_sum: torch.Tensor, mass: torch.Tensor) -> None:
         n = hits.shape[0]
-        if self.hits.shape[0] < n:
-            self.hits = torch.cat([self.hits, torch.zeros(n - self.hits.shape[0])])
-            self.score_sum = torch.cat([self.score_sum, torch.zeros(n - self.score_sum.shape[0])])
-        self.hits[:n] += hits.float().cpu()
-        self.score_sum[:n] += score_sum.float().cpu()
+        if self.acc.shape[1] < n:
+            self.acc = torch.cat([self.acc, torch.zeros(3, n - self.acc.shape[1])], dim=1)
+        self.acc[:, :n] += torch.stack([hits, score_sum, mass]).float().cpu()
         self.steps += 1
 
     def close(self, start: int, end: int, budget: int, pairs_per_step: int) -> None:
-        """The open generated sentence ``[start, end)`` ended: keep its top retrieved units."""
+        """The open generated sentence ``[start, end)`` ended: keep the units that drew the most attention."""
+        hits, score_sum, mass = self.acc
         if self.steps and len(self.records) < MAX_RECORDS:
-            top = torch.argsort(self.hits, descending=True, stable=True)[:TOP_UNITS]
-            retrieved = [{"sentence": int(u), "hits": int(self.hits[u]),
-                          "share": float(self.hits[u]) / (self.steps * pairs_per_step),
-                          "mean_score": float(self.score_sum[u] / self.hits[u])}
-                         for u in top.tolist() if self.hits[u] > 0]
+            total = float(mass.sum()) or 1.0
+            top = torch.argsort(mass, descending=True, stable=True)[:TOP_UNITS]
+            retrieved = [{"sentence": int(u), "attention": float(mass[u]) / total, "hits": int(hits[u]),
+                          "share": float(hits[u]) / (self.steps * pairs_per_step),
+                          "mean_score": float(score_sum[u] / hits[u])}
+                         for u in top.tolist() if hits[u] > 0]
             self.records.append({"start": start, "end": end, "steps": self.steps, "budget": budget,
                                  "retrieved": retrieved})
-        self.hits.zero_()
-        self.score_sum.zero_()
+        self.acc.zero_()
         self.steps = 0
 
 
