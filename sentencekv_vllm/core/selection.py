@@ -135,19 +135,47 @@ def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
     ``budget - sinks`` tokens; ``full`` keeps everything. ``details`` (optional dict) receives the unit ``scores``
     and ``allowed`` token counts ``[R, Hk, S]`` of scored policies (used by the retrieval trace).
     """
+    eff, allowed = allowed_tokens(policy, query, feats, batch, details)
+    return token_mask(eff, allowed)
+
+
+def select_positions(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None, batch: SelectionBatch,
+                     width: int, details: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same selection as :func:`select`, returned as ascending positions ``[R, Hk, width]`` + valid mask.
+
+    Built from segment lengths (sinks, each unit's allowed prefix, the recent window) in ``O(width log S)``
+    without materialising a ``[R, Hk, T]`` mask: this is the decode hot path.
+    """
+    eff, allowed = allowed_tokens(policy, query, feats, batch, details)
+    r, hk, s = allowed.shape
+    cs, _ = eff.clipped()
+    seq = eff.seq_lens
+    sink_len = eff.sinks.minimum(seq)
+    recent_start = (seq - eff.recent).maximum(sink_len)
+    starts = torch.cat([torch.zeros(r, 1, dtype=torch.long, device=seq.device), cs,
+                        recent_start[:, None]], dim=1)[:, None, :].expand(r, hk, s + 2)
+    lens = torch.cat([sink_len[:, None, None].expand(r, hk, 1), allowed,
+                      (seq - recent_start)[:, None, None].expand(r, hk, 1)], dim=2)
+    ends = lens.cumsum(-1)
+    slot = torch.arange(width, device=seq.device).expand(r, hk, width).contiguous()
+    seg = torch.searchsorted(ends, slot, right=True).clamp(max=s + 1)
+    pos = starts.gather(2, seg) + slot - (ends.gather(2, seg) - lens.gather(2, seg))
+    valid = slot < ends[..., -1:]
+    return pos.masked_fill(~valid, 0), valid
+
+
+def allowed_tokens(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None, batch: SelectionBatch,
+                   details: dict | None = None) -> tuple[SelectionBatch, torch.Tensor]:
+    """The policy's effective batch (``streaming`` widens the recent window) and allowed tokens per unit."""
     r = batch.seq_lens.shape[0]
+    hk = 1 if query is None else query.shape[1]
+    none = torch.zeros(r, hk, batch.starts.shape[1], dtype=torch.long, device=batch.seq_lens.device)
     if policy == "full":
-        hk = 1 if query is None else query.shape[1]
-        big = SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.seq_lens, batch.seq_lens * 0,
-                             batch.seq_lens)
-        return token_mask(big, torch.zeros(r, hk, batch.starts.shape[1], dtype=torch.long,
-                                           device=batch.seq_lens.device))
+        return SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.seq_lens, batch.seq_lens * 0,
+                              batch.seq_lens), none
     if policy == "streaming":
-        hk = 1 if query is None else query.shape[1]
-        stream = SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.budget, batch.sinks,
-                                (batch.budget - batch.sinks))
-        return token_mask(stream, torch.zeros(r, hk, batch.starts.shape[1], dtype=torch.long,
-                                              device=batch.seq_lens.device))
+        return SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.budget, batch.sinks,
+                              batch.budget - batch.sinks), none
     assert query is not None and feats is not None
     score_fn: ScoreFn = {"sentencekv": score_sentencekv, "quest": score_quest}[policy]
     scores = score_fn(query, feats)
@@ -157,4 +185,4 @@ def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
     allowed = fill_budget(scores, lengths, room)
     if details is not None:
         details.update(scores=scores, allowed=allowed)
-    return token_mask(batch, allowed)
+    return batch, allowed

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from sentencekv_vllm.core.attention import gather_selected, gathered_attention
+from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
-from sentencekv_vllm.core.selection import UnitFeatures, group_mean_query, select
+from sentencekv_vllm.core.selection import UnitFeatures, group_mean_query, select_positions
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import BlockLayout
@@ -141,10 +141,9 @@ class SentenceKVImplMixin:
             feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
                                  store.feat_b[lyr, g.unit_slots] if store.quest else None)
         details: dict | None = {} if g.traced else None
-        mask = select(g.policy, q_sel, feats, g.batch, details)
-        if mask.shape[1] != self.num_kv_heads:
-            mask = mask.expand(-1, self.num_kv_heads, -1)
-        pos, ok = gather_selected(mask, g.width)
+        pos, ok = select_positions(g.policy, q_sel, feats, g.batch, g.width, details)
+        if pos.shape[1] != self.num_kv_heads:
+            pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
         layout = self._block_layout(layer, kv_cache)
         k, v = layout.gather(kv_cache, g.block_table, pos)
         if g.host_slots is not None:

@@ -182,3 +182,29 @@ def test_gathered_attention_matches_masked(gen):
                              vv[torch.arange(2)[:, None, None], pos, hidx], valid, SCALE)
     for r, t in enumerate(lens):
         torch.testing.assert_close(out[r], masked_attention(q[r], ks[r], vs[r], mask[r, :, :t], SCALE))
+
+
+@pytest.mark.parametrize("policy", ["sentencekv", "streaming", "quest"])
+def test_select_positions_equals_mask(gen, policy):
+    """The decode hot path (segment arithmetic) selects exactly the tokens of the reference mask."""
+    from sentencekv_vllm.core.selection import select_positions
+
+    lens = [900, 2000, 333, 1200]
+    spans = [random_spans(t, gen) for t in lens]
+    keys = [torch.randn(t, HK, D, generator=gen) for t in lens]
+    s = max(map(len, spans))
+    if policy == "quest":
+        bounds = [page_bounds(k, sp) for k, sp in zip(keys, spans, strict=True)]
+        ones = [torch.ones(len(sp), HK, dtype=torch.bool) for sp in spans]
+        f = features([b[0] for b in bounds], ones, s)
+        f.b = features([b[1] for b in bounds], ones, s).a
+    else:
+        cv = [sentence_centroids(k, sp) for k, sp in zip(keys, spans, strict=True)]
+        f = features([c for c, _ in cv], [v for _, v in cv], s)
+    batch = batch_for(spans, lens, torch.tensor([256, 300, 128, 512]))
+    q = group_mean_query(torch.randn(4, HQ, D, generator=gen), HK)
+    mask = select(policy, q, f, batch).expand(-1, HK, -1)
+    pos, valid = select_positions(policy, q, f, batch, 512)
+    ref_pos, ref_valid = gather_selected(mask, 512)
+    assert torch.equal(valid, ref_valid)
+    assert torch.equal(pos, ref_pos)
