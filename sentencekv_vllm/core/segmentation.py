@@ -131,7 +131,19 @@ class PunctSegmenter:
         return IncrementalSegmenter(self.classes, self.rule, start)
 
 
-class IncrementalSegmenter:
+class _Stream:
+    start: int
+    n: int
+
+    def finish(self) -> list[int]:
+        """Close the open sentence (end of the sequence)."""
+        if self.n > self.start:
+            self.start = self.n
+            return [self.n]
+        return []
+
+
+class IncrementalSegmenter(_Stream):
     """Feeds tokens one at a time (decode); reports sentence ends as soon as they are decided.
 
     Invariant (tested): feeding ids one by one and calling :meth:`finish` yields the same ends as
@@ -157,13 +169,6 @@ class IncrementalSegmenter:
         self.prev = token_id
         self.n += 1
         return ends
-
-    def finish(self) -> list[int]:
-        """Close the open sentence (end of prompt)."""
-        if self.n > self.start:
-            self.start = self.n
-            return [self.n]
-        return []
 
 
 class SpacySegmenter:
@@ -216,7 +221,7 @@ class FixedLengthSegmenter:
         return FixedLengthStream(self.rule.max_len, start)
 
 
-class FixedLengthStream:
+class FixedLengthStream(_Stream):
     def __init__(self, size: int, start: int = 0) -> None:
         self.size, self.start, self.n = size, start, start
 
@@ -227,9 +232,3 @@ class FixedLengthStream:
             ends.append(self.n)
         self.n += 1
         return ends
-
-    def finish(self) -> list[int]:
-        if self.n > self.start:
-            self.start = self.n
-            return [self.n]
-        return []

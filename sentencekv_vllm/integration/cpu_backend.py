@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -17,24 +15,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
-from sentencekv_vllm.integration.impl import SentenceKVImplMixin, offload_spec, with_plan
-from sentencekv_vllm.integration.planner import plan_step
-from sentencekv_vllm.integration.state import STATE
+from sentencekv_vllm.integration.impl import SentenceKVBackendMixin, SentenceKVBuilderMixin, SentenceKVImplMixin
 
 
-class SentenceKVCPUBackend(CPUAttentionBackend):
-    @staticmethod
-    def get_name() -> str:
-        return "SENTENCEKV"
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == "decoder"
-
-    @classmethod
-    def customize_spec(cls, spec):
-        return offload_spec(spec)
-
+class SentenceKVCPUBackend(SentenceKVBackendMixin, CPUAttentionBackend):
     @staticmethod
     def get_impl_cls() -> type["SentenceKVCPUImpl"]:
         return SentenceKVCPUImpl
@@ -44,20 +28,10 @@ class SentenceKVCPUBackend(CPUAttentionBackend):
         return SentenceKVCPUBuilder
 
 
-class SentenceKVCPUBuilder(CPUAttentionMetadataBuilder):
-    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        plan = plan_step(self, common_attn_metadata, base) if STATE.runner is not None else None
-        return with_plan(base, plan)
-
-    def subset_metadata(self, base, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                        block_table: torch.Tensor, num_tokens: int):
-        """Stock metadata for a sub-batch of rows; the CPU work partition must be recomputed for it."""
-        return dataclasses.replace(
-            base, num_actual_tokens=num_tokens, query_start_loc=query_start_loc, seq_lens=seq_lens,
-            block_table=block_table, max_seq_len=int(seq_lens.max()),
-            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
-            scheduler_metadata=cpu_scheduler_metadata(self, len(seq_lens), seq_lens, query_start_loc))
+class SentenceKVCPUBuilder(SentenceKVBuilderMixin, CPUAttentionMetadataBuilder):
+    def subset_fields(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> dict:
+        # the CPU kernel's work partition depends on seq_lens: reusing the batch's gives wrong attention silently
+        return {"scheduler_metadata": cpu_scheduler_metadata(self, len(seq_lens), seq_lens, query_start_loc)}
 
 
 class SentenceKVCPUImpl(SentenceKVImplMixin, CPUAttentionBackendImpl):

@@ -19,7 +19,7 @@ from sentencekv_vllm.core.selection import UnitFeatures, group_mean_query, selec
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import BlockLayout
-from sentencekv_vllm.integration.planner import DenseSubset, Finalize, SparseGroup, StepPlan
+from sentencekv_vllm.integration.planner import DenseSubset, Finalize, SparseGroup, StepPlan, plan_step
 from sentencekv_vllm.integration.state import STATE, UnitStore
 
 _LAYOUTS: dict[tuple, BlockLayout] = {}
@@ -41,6 +41,46 @@ def offload_spec(spec):
     from sentencekv_vllm.integration.kv_spec import SentenceKVSpec
 
     return SentenceKVSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init})
+
+
+class SentenceKVBackendMixin:
+    """Static facts shared by the CPU and CUDA backends (placed before the stock backend class)."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "SENTENCEKV"
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == "decoder"
+
+    @classmethod
+    def customize_spec(cls, spec):
+        return offload_spec(spec)
+
+
+class SentenceKVBuilderMixin:
+    """Stock metadata plus the step plan; sub-batch metadata for the dense rows (placed before the stock builder)."""
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        base = super().build(self.prefix_len(common_prefix_len), common_attn_metadata, fast_build)
+        plan = plan_step(self, common_attn_metadata, base) if STATE.runner is not None else None
+        return with_plan(base, plan)
+
+    def prefix_len(self, common_prefix_len: int) -> int:
+        return common_prefix_len
+
+    def subset_metadata(self, base, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                        block_table: torch.Tensor, num_tokens: int):
+        """Stock metadata for a sub-batch of rows (work partitions must be rebuilt for new ``seq_lens``)."""
+        return dataclasses.replace(
+            base, num_actual_tokens=num_tokens, query_start_loc=query_start_loc, seq_lens=seq_lens,
+            block_table=block_table, max_seq_len=int(seq_lens.max()),
+            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
+            **self.subset_fields(query_start_loc, seq_lens))
+
+    def subset_fields(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> dict:
+        raise NotImplementedError
 
 
 class SentenceKVImplMixin:
