@@ -59,8 +59,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     return {
         "budget": args.budget or (256 if quick else 512),
-        "contexts": args.contexts or ([1500] if quick else [1000, 2000, 4000, 6000]),
-        "depths": args.depths or ([0.3, 0.7] if quick else [0.0, 0.25, 0.5, 0.75, 1.0]),
+        "contexts": args.contexts or ([1500] if quick else [1000, 2500, 4000, 6000]),
+        "depths": args.depths or ([0.3, 0.7] if quick else [0.1, 0.3, 0.5, 0.7, 0.9]),
         "seeds": args.seeds or ([0] if quick else [0, 1]),
         "ruler_contexts": [1500] if quick else [2000, 4000],
         "batches": args.batches or ([1, 4] if quick else [1, 4, 8]),
