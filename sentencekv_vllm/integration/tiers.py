@@ -46,7 +46,10 @@ class EngineTier:
         self.free_slots = list(range(host_capacity - 1, -1, -1))
 
     def on_request(self, req_id: str, extra_args: dict[str, Any] | None) -> None:
-        cfg = self.cfg.with_request_overrides(extra_args)
+        try:
+            cfg = self.cfg.with_request_overrides(extra_args)
+        except ValueError:      # already answered with a 400 by the API server; never fail the engine
+            cfg = self.cfg
         self.budgets[req_id] = (cfg.budget, cfg.policy)
 
     def spill_range(self, req_id: str, processed: int, prompt_len: int, block_size: int) -> tuple[int, int]:
