@@ -41,8 +41,9 @@ def render(results: dict[str, Any]) -> str:
             out += [f"## {title}", "", _table(["policy", "median length ratio", "share ≥ 1.5x FULL"], rows), ""]
     if "serve-bench" in parts:
         out += ["## Serving (batch × context)", "", serving_table(parts["serve-bench"]["per_policy"]), ""]
-        out += ["Selection / transfer: seconds spent in SentenceKV selection+gather and host-tier copies during the "
-                "point, summed over layers; decode = sum of per-request decode time.", "",
+        out += ["Sparse s: seconds in the SentenceKV sparse path (selection, K/V gather, exact softmax) in the point, "
+                "summed over layers (the rest of decode is the model and the stock kernel); transfer s: host-tier "
+                "copies; decode s: sum of per-request decode time.", "",
                 f"![latency CDF]({parts['serve-bench']['plot']})", ""]
     if "memory" in parts:
         out += ["## Device memory and concurrency (τ = %d, offload: host)" % parts["memory"]["budget"], "",
@@ -71,7 +72,7 @@ def serving_table(per_policy: dict[str, Any]) -> str:
                          p["peak_running"], p["peak_kv_usage"] * 100, p["selection_s"], p["transfer_s"],
                          p["decode_s_sum"]])
     return _table(["policy", "ctx", "batch", "TTFT s", "TPOT ms", "tok/s", "peak running", "peak KV %",
-                   "selection s", "transfer s", "decode s"], rows)
+                   "sparse s", "transfer s", "decode s"], rows)
 
 
 def memory_table(rows: list[dict[str, Any]]) -> str:

@@ -112,8 +112,7 @@ class SentenceKVImplMixin:
         counts: list[int] = []
         for group in plan.sparse:
             counts += self._sparse(store, lyr, layer, query, kv_cache, output, group)
-        if lyr == 0:
-            metrics.observe_attended(counts, time.perf_counter() - t0)
+        metrics.observe_attended(counts, time.perf_counter() - t0)
         return output
 
     # -- index maintenance ---------------------------------------------------------------------------------

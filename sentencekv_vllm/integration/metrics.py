@@ -32,7 +32,8 @@ def _metrics() -> dict[str, Any] | None:
             "sentences": Histogram("sentencekv_prompt_sentences", "Sentences (units) per prompt",
                                    buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)),
             "segment_s": Histogram("sentencekv_segmentation_seconds", "Prompt segmentation time"),
-            "select_s": Counter("sentencekv_selection_seconds", "Time spent in selection + gather (all layers)"),
+            "select_s": Counter("sentencekv_selection_seconds", "Time in the sparse path: selection, K/V gather and "
+                                "exact softmax (all layers)"),
             "budget": Gauge("sentencekv_budget_tokens", "Server token budget", multiprocess_mode="max"),
             "units": Gauge("sentencekv_live_units", "Sentence units held by live requests",
                            multiprocess_mode="livesum"),
@@ -82,7 +83,7 @@ def observe_attended(counts: list[int], select_seconds: float) -> None:
     m = _metrics()
     if not m:
         return
-    for c in counts:
+    for c in counts:       # only layer 0 reports counts
         m["attended"].observe(c)
     if counts:
         m["attended_max"].set(max(max(counts), m["attended_max"]._value.get()))
