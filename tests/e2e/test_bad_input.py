@@ -15,12 +15,10 @@ pytestmark = pytest.mark.slow
 
 BAD_CONFIGS = [
     ({"budget": 0}, "sentencekv.budget"),
-    ({"budget": -8}, "sentencekv.budget"),
     ({"budget": 48, "sinks": 32, "recent": 32}, "sentencekv.budget"),
     ({"bugdet": 512}, "sentencekv.bugdet"),
     ({"budget": "lots"}, "sentencekv.budget"),
     ({"policy": "h2o"}, "sentencekv.policy"),
-    ({"segmentation": "nltk"}, "sentencekv.segmentation"),
 ]
 
 

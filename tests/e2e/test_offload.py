@@ -37,9 +37,9 @@ def metric(text: str, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def identity_prompts(tokenizer):
-    return ([prompts.needle_prompt(tokenizer, 4500), prompts.long_prompt(tokenizer, 6000, 100_000)]
-            + [prompts.long_prompt(tokenizer, n, off) for n, off in ((1500, 20_000), (3000, 450_000),
-                                                                     (2200, 800_000))])
+    return ([prompts.needle_prompt(tokenizer, 3000), prompts.long_prompt(tokenizer, 6000, 100_000)]
+            + [prompts.long_prompt(tokenizer, n, off) for n, off in ((1000, 20_000), (1500, 450_000),
+                                                                     (2000, 800_000))])
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +92,10 @@ def test_small_pool_decodes_more_requests_concurrently(model_path, tokenizer):
     per decoding request on the device and the rest on the host."""
     batch = [prompts.long_prompt(tokenizer, 3000, 30_000 + 97_000 * i) for i in range(6)]
     with vllm_server(model_path, *SMALL_POOL, metrics=True) as full:
-        full_peak, _ = max_running_during(full, batch, 96)
+        full_peak, _ = max_running_during(full, batch, 48)
     with vllm_server(model_path, *SMALL_POOL, "--attention-backend", "sentencekv",
                      *skv_config(offload="host", host_pool_gib=2.0), metrics=True) as skv:
-        skv_peak, outs = max_running_during(skv, batch, 96)
+        skv_peak, outs = max_running_during(skv, batch, 48)
         time.sleep(2)
         idle = skv.metrics()
     assert all(outs)

@@ -73,7 +73,7 @@ def test_completions_chat_and_streaming(client):
 
 def test_budget_covering_context_matches_stock(client, varied, stock_outputs, tokenizer):
     lens = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in varied]
-    assert min(lens) < 100 and sum(1 for n in lens if n > 5000) == 3
+    assert min(lens) < 100 and sum(1 for n in lens if n > 5000) == 2 and sum(1 for n in lens if n > 1900) == 6
     got = [complete(client, p, sentencekv_budget=8192) for p in varied]
     assert got == stock_outputs
 
@@ -101,7 +101,7 @@ def test_small_budget_bounds_attended_tokens(skv, client, tokenizer):
 def test_concurrent_mixed_lengths_equal_alone(client, tokenizer):
     batch = [prompts.chat(tokenizer, q) for q in prompts.SHORT_QUESTIONS[:3]]
     batch += [prompts.long_prompt(tokenizer, n, off) for n, off in
-              ((1500, 20_000), (3000, 120_000), (4500, 520_000), (2500, 700_000), (5000, 900_000))]
+              ((1500, 20_000), (3000, 120_000), (3500, 520_000), (2500, 700_000), (2000, 900_000))]
     alone = [complete(client, p, sentencekv_budget=512) for p in batch]
     with ThreadPoolExecutor(len(batch)) as pool:
         together = list(pool.map(lambda p: complete(client, p, sentencekv_budget=512), batch))
