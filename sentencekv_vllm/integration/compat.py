@@ -46,7 +46,9 @@ def on_request_removed(runner: Any, callback: Callable[[str, list[int]], None]) 
     original = runner._on_request_state_removed
 
     def hook(req_id: str, req_state: Any) -> None:
-        tokens = list(req_state.prompt_token_ids or []) + list(req_state.output_token_ids or [])
+        # req_state is None for a request finished (e.g. aborted) before the runner ever saw it
+        tokens = [] if req_state is None else (list(req_state.prompt_token_ids or [])
+                                               + list(req_state.output_token_ids or []))
         callback(req_id, tokens)
         original(req_id, req_state)
 

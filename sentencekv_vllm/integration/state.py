@@ -174,7 +174,7 @@ class WorkerState:
         state = self.requests.pop(req_id, None)
         if state is None or self.store is None:
             return
-        if state.trace is not None and token_ids is not None and state.indexed:
+        if state.trace is not None and token_ids and state.indexed:
             block_size = self.vllm_config.cache_config.block_size
             trace.write(req_id, state, token_ids, self.tokenizer(), self.cfg.trace_requests, block_size)
         self.store.free(state.unit_slots)
