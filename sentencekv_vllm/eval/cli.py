@@ -24,7 +24,7 @@ from sentencekv_vllm.eval.engines import POLICIES, Engine, EngineSpec, engines_f
 from sentencekv_vllm.eval.launch import vllm_server
 from sentencekv_vllm.eval.report import render
 
-PARTS = ("niah", "ruler", "qa", "lengths", "serve-bench", "memory")
+PARTS = ("niah", "ruler", "qa", "ppl", "lengths", "serve-bench", "memory")
 
 
 def _ints(text: str) -> list[int]:
@@ -66,13 +66,15 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "batches": args.batches or ([1, 4] if quick else [1, 4, 8]),
         "bench_contexts": [1500] if quick else [2000, 4000],
         "bench_policies": ["full", "sentencekv"] if quick else list(POLICIES),
-        "memory_contexts": [1500] if quick else [2000, 4000, 7900],
-        "memory_requests": 4 if quick else 8,
-        "poisson_requests": 4 if quick else 16,
+        "memory_contexts": [1000] if quick else [2000, 4000, 7900],
+        "memory_requests": 3 if quick else 8,
+        "poisson_requests": 3 if quick else 16,
         "poisson_rate": 0.5,
-        "bench_tokens": 24 if quick else 64,
+        "bench_tokens": 16 if quick else 64,
         "length_prompts": 1 if quick else 6,
-        "length_tokens": 64 if quick else 160,
+        "length_tokens": 48 if quick else 160,
+        "ppl_texts": 1 if quick else 4,
+        "ppl_tokens": 1500 if quick else 6000,
     }
 
 
@@ -123,8 +125,12 @@ def run_quality_and_serving(spec: EngineSpec, tokenizer, cfg: dict, parts: list[
     outputs: dict[str, dict[str, list[dict]]] = {k: {} for k in samples}
     outputs["lengths_t07"] = {} if "lengths" in parts else outputs.get("lengths_t07", {})
     bench: dict[str, Any] = {}
+    ppl: dict[str, list[dict]] = {}
+    ppl_texts = perplexity_texts(tokenizer, cfg["ppl_texts"], cfg["ppl_tokens"]) if "ppl" in parts else []
     with engines_for(spec, policies) as engines:
         for engine in engines:
+            if ppl_texts:
+                ppl[engine.policy] = quality.prompt_perplexity(engine, ppl_texts, f"ppl/{engine.policy}")
             for part, items in samples.items():
                 max_tokens = cfg["length_tokens"] if part == "lengths" else 24
                 outputs[part][engine.policy] = quality.run_samples(engine, items, max_tokens,
@@ -140,10 +146,23 @@ def run_quality_and_serving(spec: EngineSpec, tokenizer, cfg: dict, parts: list[
     if "niah" in outputs and outputs["niah"]:
         quality.niah_heatmap(outputs["niah"], str(out / "niah_heatmap.png"))
         results["parts"]["niah"]["plot"] = "niah_heatmap.png"
+    if ppl:
+        results["parts"]["ppl"] = {"per_policy": ppl}
     if bench:
         serving.latency_cdf_plot({p: b["poisson_latencies"] for p, b in bench.items() if b["poisson_latencies"]},
                                  str(out / "latency_cdf.png"))
         results["parts"]["serve-bench"] = {"per_policy": bench, "plot": "latency_cdf.png"}
+
+
+def perplexity_texts(tokenizer, n: int, n_tokens: int) -> list[str]:
+    """PG-19 stand-in: windows of the packaged public-domain plays, ``n_tokens`` each."""
+    from sentencekv_vllm import fixtures
+
+    out = []
+    for i in range(n):
+        text = fixtures.haystack_text(offset=150_000 + 211_000 * i, n_chars=n_tokens * 6)
+        out.append(tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]))
+    return out
 
 
 def length_prompts(tokenizer, n: int) -> list[dict]:

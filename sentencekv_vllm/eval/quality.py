@@ -85,3 +85,20 @@ def niah_heatmap(results: dict[str, list[dict]], path: str) -> None:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def prompt_perplexity(engine: Engine, texts: list[str], desc: str) -> list[dict]:
+    """Perplexity of long public-domain texts from vLLM's prompt logprobs (``echo`` + ``logprobs``).
+
+    Prompt logprobs come from the exact prefill, so every policy must match FULL here: this measures that
+    SentenceKV leaves prefill untouched, not its decode-time approximation (see the report's note).
+    """
+    import math
+
+    rows = []
+    for text in tqdm(texts, desc=desc):
+        res = engine.client.completions.create(model="model", prompt=text, max_tokens=1, echo=True, logprobs=0,
+                                               temperature=0, extra_body=engine.xargs())
+        lps = [lp for lp in res.choices[0].logprobs.token_logprobs if lp is not None]
+        rows.append({"tokens": len(lps), "ppl": math.exp(-sum(lps) / max(1, len(lps)))})
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 
@@ -32,6 +33,13 @@ def render(results: dict[str, Any]) -> str:
             if parts[part].get("plot"):
                 out += ["", f"![{part}]({parts[part]['plot']})"]
             out.append("")
+    if "ppl" in parts:
+        rows = [[p, statistics.mean(r["ppl"] for r in v), sum(r["tokens"] for r in v)]
+                for p, v in parts["ppl"]["per_policy"].items()]
+        out += ["## Long-text perplexity (prompt logprobs)", "", _table(["policy", "mean PPL", "tokens"], rows), "",
+                "Prompt logprobs come from vLLM's exact prefill, which SentenceKV does not approximate: equal values "
+                "confirm the prefill is untouched; they say nothing about decode-time quality (see the tasks above).",
+                ""]
     titles = (("lengths", "Output length vs FULL (greedy)"), ("lengths_t07", "Output length vs FULL (T=0.7)"))
     for part, title in titles:
         if part in parts:

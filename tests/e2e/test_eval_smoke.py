@@ -20,7 +20,9 @@ def test_quick_eval_writes_report(tmp_path: Path):
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     parts = results["parts"]
-    assert {"niah", "ruler", "qa", "lengths", "lengths_t07", "serve-bench", "memory"} <= set(parts)
+    assert {"niah", "ruler", "qa", "ppl", "lengths", "lengths_t07", "serve-bench", "memory"} <= set(parts)
+    ppl = {p: rows[0]["ppl"] for p, rows in parts["ppl"]["per_policy"].items()}
+    assert len(ppl) == 4 and max(ppl.values()) < 1.05 * min(ppl.values()), ppl   # exact prefill everywhere
     for part in ("niah", "ruler"):
         assert set(parts[part]["summary"]) == {"full", "sentencekv", "streaming", "quest"}
         assert "negative_share" in parts[part]["summary"]["sentencekv"]
