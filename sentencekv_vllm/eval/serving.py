@@ -130,7 +130,10 @@ def device_blocks_per_request(engine: Engine, prompt: str, max_tokens: int) -> f
     total = num_device_blocks(engine)
     with Sampler(engine, period=0.1) as sampler:
         stream_one(engine, prompt, max_tokens)
-    decoding = [u for running, u in sampler.usage_samples if running >= 1 and u > 0]
+    busy = [u for running, u in sampler.usage_samples if running >= 1 and u > 0]
+    # chunked prefill allocates blocks progressively and SentenceKV spills after prefill: only the last third of
+    # the request (decode) is the steady state that counts
+    decoding = busy[len(busy) * 2 // 3:]
     return statistics.median(decoding) * total if decoding else float("nan")
 
 
