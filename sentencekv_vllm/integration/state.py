@@ -9,7 +9,7 @@ Layout of the pools (``L`` layers, ``Hk``/``Hq`` KV/query heads, ``D`` head dim)
   query) and keys (its centroid once it closes).
 
 Centroids are a side pool rather than KV blocks: they are tiny (``S x Hk x D`` per layer), need float32 and are
-rewritten per layer in the forward; the pool's bytes are reported (``nbytes``) and documented as overhead.
+rewritten per layer in the forward. Their bytes (``nbytes``) are not yet subtracted from vLLM's KV sizing.
 """
 
 from __future__ import annotations

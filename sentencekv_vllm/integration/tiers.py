@@ -24,13 +24,6 @@ from sentencekv_vllm.integration import metrics
 
 
 @dataclass
-class TierStats:
-    spilled_blocks: int = 0
-    released_blocks: int = 0
-    host_full_events: int = 0
-
-
-@dataclass
 class EngineTier:
     cfg: SentenceKVConfig = field(default_factory=SentenceKVConfig)
     host_capacity: int = 0
@@ -39,7 +32,6 @@ class EngineTier:
     owned: dict[str, list[int]] = field(default_factory=dict)
     pending_spills: list[tuple[str, int, int, int]] = field(default_factory=list)
     pending_releases: list[str] = field(default_factory=list)
-    stats: TierStats = field(default_factory=TierStats)
 
     def configure(self, cfg: SentenceKVConfig, host_capacity: int) -> None:
         self.cfg, self.host_capacity = cfg, host_capacity
@@ -62,23 +54,19 @@ class EngineTier:
         return first, last
 
     def take_host_slots(self, req_id: str, n: int) -> list[int]:
-        if len(self.free_slots) < n:
-            self.stats.host_full_events += 1
-            n = len(self.free_slots)
+        n = min(n, len(self.free_slots))
         slots = [self.free_slots.pop() for _ in range(n)]
         self.owned.setdefault(req_id, []).extend(slots)
         return slots
 
     def record_spill(self, req_id: str, moves: list[tuple[int, int, int]]) -> None:
         self.pending_spills.extend((req_id, logical, block, slot) for logical, block, slot in moves)
-        self.stats.spilled_blocks += len(moves)
         metrics.observe_host_blocks(self.host_used, spilled=len(moves))
 
     def release(self, req_id: str) -> None:
         """Finish, abort or preemption: host slots return to the pool; the worker forgets the request's map."""
         slots = self.owned.pop(req_id, [])
         self.free_slots.extend(slots)
-        self.stats.released_blocks += len(slots)
         if slots:
             self.pending_releases.append(req_id)
             metrics.observe_host_blocks(self.host_used)
