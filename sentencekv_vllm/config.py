@@ -45,6 +45,9 @@ class SentenceKVConfig:
         ``False`` reproduces the reference code, which discards them.
     offload: ``none`` | ``host`` (two-tier memory; see README).
     host_pool_gib: size of the host tier when ``offload == "host"``.
+    hot_set_factor: with ``offload == "host"``, each sparse request keeps ``hot_set_factor x (budget - sinks -
+        recent)`` tokens (rounded up to blocks) of its own device blocks as a hot set caching host blocks its
+        recent selections used; 0 = every selected host token is read from the host each step.
     stats: collect per-step statistics (attended tokens, selection time) for metrics.
     trace_requests: retrieval trace ring size (0 = off): the last N finished requests' sentences and what each
         generated sentence retrieved, for the inspector endpoints (``/sentencekv/...``).
@@ -65,6 +68,7 @@ class SentenceKVConfig:
     keep_unretained: bool = True
     offload: str = "none"
     host_pool_gib: float = 4.0
+    hot_set_factor: float = 1.0
     stats: bool = True
     trace_requests: int = 0
 
@@ -124,7 +128,7 @@ class SentenceKVConfig:
 
 _INT_KEYS = ("budget", "sinks", "recent", "min_sentence_len", "max_sentence_len", "obs_window", "pool_kernel",
              "quest_page_size", "trace_requests")
-_FLOAT_KEYS = ("semantic_factor", "host_pool_gib")
+_FLOAT_KEYS = ("semantic_factor", "host_pool_gib", "hot_set_factor")
 _BOOL_KEYS = ("keep_unretained", "stats")
 _CHOICES = {"policy": POLICIES, "segmentation": SEGMENTATION_MODES, "offload": OFFLOAD_MODES}
 
@@ -166,6 +170,8 @@ def _check_values(cfg: SentenceKVConfig) -> None:
             "min_sentence_len", f"must be <= max_sentence_len ({cfg.max_sentence_len}), got {cfg.min_sentence_len}")
     if cfg.pool_kernel % 2 == 0:
         raise SentenceKVConfigError("pool_kernel", f"must be odd, got {cfg.pool_kernel}")
+    if cfg.hot_set_factor < 0:
+        raise SentenceKVConfigError("hot_set_factor", f"must be >= 0, got {cfg.hot_set_factor}")
     if cfg.host_pool_gib <= 0:
         raise SentenceKVConfigError("host_pool_gib", f"must be > 0, got {cfg.host_pool_gib}")
 

@@ -1,6 +1,7 @@
 """Every touch of a private vLLM 0.32 API lives here, so a vLLM upgrade is reviewed in one file.
 
-Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``), its
+Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``,
+``num_tokens_no_spec``), its
 ``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, and the CPU attention custom ops
 (``cpu_attn_get_scheduler_metadata``).
 """
@@ -20,7 +21,8 @@ class RowInfo:
 
     req_id: str
     prompt_len: int
-    token_ids: np.ndarray       # view of all known token ids of the request (prompt + generated so far)
+    token_ids: np.ndarray       # view of the request's token-id row (prompt + generated so far, then padding)
+    num_tokens: int             # known tokens (prompt + generated so far)
     extra_args: dict[str, Any] | None
 
 
@@ -36,6 +38,7 @@ def runner_rows(runner: Any, num_reqs: int) -> list[RowInfo]:
             req_id=req_id,
             prompt_len=int(batch.num_prompt_tokens[i]),
             token_ids=batch.token_ids_cpu[i],
+            num_tokens=int(batch.num_tokens_no_spec[i]),
             extra_args=getattr(sp, "extra_args", None),
         ))
     return rows

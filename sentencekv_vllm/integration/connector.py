@@ -25,7 +25,7 @@ CONNECTOR_MODULE = "sentencekv_vllm.integration.connector"
 
 @dataclass
 class SentenceKVConnectorMetadata(KVConnectorMetadata):
-    spills: list[tuple[str, int, int, int]] = field(default_factory=list)   # (req, logical, block, host slot)
+    spills: list[tuple[str, int, int, int, bool]] = field(default_factory=list)  # (req, logical, block, slot, kept)
     releases: list[str] = field(default_factory=list)
     host_used: int = 0
 
@@ -41,7 +41,7 @@ class SentenceKVConnector(KVConnectorBase_V1):
             from sentencekv_vllm.integration import kv_spec
 
             kv_spec.register()
-            ENGINE.configure(self.cfg, self.host_capacity)
+            ENGINE.configure(self.cfg, self.host_capacity, vllm_config.cache_config.block_size)
             logger.info("SentenceKV host tier: %d blocks (%.2f GiB)", self.host_capacity, self.cfg.host_pool_gib)
 
     @property
@@ -51,7 +51,7 @@ class SentenceKVConnector(KVConnectorBase_V1):
     # -- scheduler side ------------------------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        ENGINE.on_request(request.request_id, request.sampling_params.extra_args)
+        ENGINE.on_request(request.request_id, request.sampling_params.extra_args, request.num_tokens)
         return 0, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:

@@ -184,9 +184,12 @@ class SentenceKVImplMixin:
         if pos.shape[1] != self.num_kv_heads:
             pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
         layout = self._block_layout(layer, kv_cache)
-        k, v = layout.gather(kv_cache, g.block_table, pos)
-        if g.host_slots is not None:
-            k, v = self._swap_in(layout, lyr, g, pos, k, v)
+        block_table, host_slots = g.block_table, g.host_slots
+        if host_slots is not None:
+            block_table, host_slots = self._hot_tables(layout, lyr, g, pos, ok)
+        k, v = layout.gather(kv_cache, block_table, pos)
+        if host_slots is not None:
+            k, v = self._swap_in(layout, lyr, host_slots, pos, k, v)
         output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale, details).to(output.dtype)
         if details is not None and "scores" in details:
             self._trace(lyr, g, details, pos, ok)
@@ -212,12 +215,40 @@ class SentenceKVImplMixin:
             for row, req, n in g.traced:
                 req.trace.add(*(a[row, :n] for a in g.trace_acc))
 
-    def _swap_in(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, k, v):
-        """Selected tokens whose blocks live on the host are read from the host pool (the swap-in)."""
+    def _hot_tables(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, ok):
+        """Swap this layer's selected host blocks into each request's hot set (``hotset.py``); returns the block
+        table and host-slot table the gather then uses (hot blocks read from the device, the rest from the host)."""
+        t0 = time.perf_counter()
+        r = pos.shape[0]
+        logical = (pos // layout.block_size).view(r, -1)
+        on_host = ok.view(r, -1) & (g.host_slots.gather(1, logical) >= 0)
+        block_table, host_slots = g.block_table.long().clone(), g.host_slots.clone()
+        hits = misses = loaded = 0
+        for j, req in enumerate(g.reqs):
+            if req.hot is None or not len(req.hot):
+                continue
+            blocks, counts = torch.unique(logical[j][on_host[j]], return_counts=True)
+            needed = blocks[counts.argsort(descending=True, stable=True)]
+
+            def load(dst: torch.Tensor, src: torch.Tensor, j: int = j) -> None:
+                STATE.host.load(lyr, dst, g.host_slots[j, src])
+
+            held, ids, n_hit, n_loaded = req.hot.resolve(lyr, needed, STATE.step, load)
+            block_table[j, held], host_slots[j, held] = ids, -1
+            hits, misses, loaded = hits + n_hit, misses + needed.numel() - n_hit, loaded + n_loaded
+        if hits or misses:
+            bytes_per_block = STATE.host.pool[lyr].shape[1] * STATE.host.pool[lyr].element_size()
+            metrics.observe_hot_set(hits, misses, loaded, loaded * bytes_per_block)
+            metrics.observe_transfer(time.perf_counter() - t0)
+        return block_table, host_slots
+
+    def _swap_in(self, layout: BlockLayout, lyr: int, host_table, pos, k, v):
+        """Selected tokens whose blocks are on the host and not in the hot set are read token-wise from the host."""
         r, hk, w = pos.shape
-        slots = g.host_slots.gather(1, (pos // layout.block_size).view(r, -1)).view(r, hk, w)
+        slots = host_table.gather(1, (pos // layout.block_size).view(r, -1)).view(r, hk, w)
         on_host = slots >= 0
         if not bool(on_host.any()):
+            metrics.observe_swap_in(0, int(on_host.numel()), lyr)
             return k, v
         t0 = time.perf_counter()
         host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()

@@ -2,9 +2,10 @@
 
 With ``offload: host`` the backend reports :class:`SentenceKVSpec` (``customize_spec``), which the registry maps to
 :class:`SentenceKVManager`. Once a request decodes sparsely (context > budget, prefill done), the manager frees its
-*middle* blocks -- everything but the sink blocks and the recent window -- back to vLLM's pool, like R-SWA frees a
-gap. Before that, it takes a host slot for each freed block from :data:`~sentencekv_vllm.integration.tiers.ENGINE`,
-and the KV connector tells the worker to copy the block to that slot before anything can overwrite it. When the
+*middle* blocks -- everything but the sink blocks, the recent window and the request's hot-set blocks -- back to
+vLLM's pool, like R-SWA frees a gap. Before that, it takes a host slot for each middle block from
+:data:`~sentencekv_vllm.integration.tiers.ENGINE`, and the KV connector tells the worker to copy the block to that
+slot before anything can overwrite it. Hot-set blocks stay allocated (and counted by vLLM) as device cache space. When the
 host tier is full, blocks simply stay resident (no crash, no wrong tokens).
 """
 
@@ -29,20 +30,24 @@ class SentenceKVManager(FullAttentionManager):
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
         if num_prompt_tokens is None or request_id not in self.req_to_blocks:
             return
-        first, last = ENGINE.spill_range(request_id, processed_computed_tokens, num_prompt_tokens, self.block_size)
+        first, last = ENGINE.spill_range(request_id, processed_computed_tokens, self.block_size)
         blocks = self.req_to_blocks[request_id]
-        last = min(last, len(blocks))
-        candidates = [i for i in range(first, last) if not blocks[i].is_null and blocks[i].ref_cnt == 1]
+        done = ENGINE.already_spilled(request_id)
+        candidates = [i for i in range(first, min(last, len(blocks)))
+                      if i not in done and not blocks[i].is_null and blocks[i].ref_cnt == 1]
         if not candidates:
             return
         slots = ENGINE.take_host_slots(request_id, len(candidates))
         if not slots:
             return      # host tier full: keep these blocks resident
         spilled = candidates[:len(slots)]
-        ENGINE.record_spill(request_id, [(i, blocks[i].block_id, s) for i, s in zip(spilled, slots, strict=True)])
-        freed = [blocks[i] for i in spilled]
+        kept = ENGINE.keep_on_device(request_id, spilled)
+        ENGINE.record_spill(request_id, [(i, blocks[i].block_id, s, i in kept)
+                                         for i, s in zip(spilled, slots, strict=True)])
+        freed = [blocks[i] for i in spilled if i not in kept]
         for i in spilled:
-            blocks[i] = self._null_block
+            if i not in kept:
+                blocks[i] = self._null_block
         self.block_pool.free_blocks(freed)
 
     def free(self, request_id: str) -> None:

@@ -40,7 +40,16 @@ def _metrics() -> dict[str, Any] | None:
             "selected": Counter("sentencekv_selected_tokens", "Tokens selected by sparse rows (layer 0, all heads)"),
             "selected_host": Counter("sentencekv_selected_host_tokens", "Selected tokens read from the host tier "
                                      "(layer 0); hot-set hit rate = 1 - selected_host / selected"),
-            "swap_in_bytes": Counter("sentencekv_swap_in_bytes", "Bytes of K/V read from the host tier"),
+            "swap_in_bytes": Counter("sentencekv_swap_in_bytes", "Bytes of K/V read from the host tier (hot-set "
+                                     "block loads and token-wise reads)"),
+            "swap_in_blocks": Counter("sentencekv_swap_in_blocks", "Blocks copied from the host tier into device "
+                                      "hot sets (per layer)"),
+            "hot_hits": Counter("sentencekv_hot_set_hits", "Selected host-tier blocks found in the device hot set "
+                                "(per layer); hit rate = hits / (hits + misses)"),
+            "hot_misses": Counter("sentencekv_hot_set_misses", "Selected host-tier blocks not in the device hot set "
+                                  "(per layer): swapped in, or read token-wise when the hot set is full"),
+            "preempt_releases": Counter("sentencekv_preempted_host_releases", "Preempted requests whose host-tier "
+                                        "blocks were released"),
             "swap_out_bytes": Gauge("sentencekv_swap_out_bytes", "Bytes copied to the host tier since start",
                                     multiprocess_mode="livesum"),
             "host_blocks": Gauge("sentencekv_host_blocks", "Blocks held in the host tier (scheduler view)",
@@ -101,13 +110,24 @@ def observe_swap_in(host_tokens: int, total_tokens: int, layer: int, bytes_per_t
         m["swap_in_bytes"].inc(host_tokens * bytes_per_token)
 
 
-def observe_host_blocks(used: int, spilled: int = 0) -> None:
+def observe_host_blocks(used: int, spilled: int = 0, preempted: bool = False) -> None:
     """Scheduler side (EngineCore): host-tier occupancy is exact there, also when the engine goes idle."""
     m = _metrics()
     if m:
         m["host_blocks"].set(used)
         if spilled:
             m["spilled"].inc(spilled)
+        if preempted:
+            m["preempt_releases"].inc()
+
+
+def observe_hot_set(hits: int, misses: int, loaded: int, loaded_bytes: int) -> None:
+    m = _metrics()
+    if m:
+        m["hot_hits"].inc(hits)
+        m["hot_misses"].inc(misses)
+        m["swap_in_blocks"].inc(loaded)
+        m["swap_in_bytes"].inc(loaded_bytes)
 
 
 def observe_transfer(seconds: float) -> None:

@@ -62,6 +62,7 @@ class SparseGroup:
     block_table: torch.Tensor  # [Rs, max_blocks]
     width: int
     host_slots: torch.Tensor | None = None   # [Rs, max_blocks] host slot of each logical block, -1 = on device
+    reqs: list[RequestState] = field(default_factory=list)                     # request of each row
     traced: list[tuple[int, RequestState, int]] = field(default_factory=list)  # (row, request, units) to trace
     trace_acc: tuple[torch.Tensor, ...] | None = None   # [Rs, S] hits, scores, attention mass (trace mode)
 
@@ -89,6 +90,7 @@ def unit_kind() -> str:
 def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     """``builder`` must offer ``subset_metadata(base, qsl, seq_lens, block_table, num_tokens)``."""
     t0 = time.perf_counter()
+    STATE.step += 1
     num_reqs = cm.num_reqs
     STATE.ensure_store(_num_layers(), builder.num_kv_heads, builder.num_heads, builder.head_dim, cm.seq_lens.device)
     qsl = cm.query_start_loc_cpu.tolist()
@@ -102,7 +104,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
         ctx = total - (q1 - q0)
         req = _request_for(row, ctx)
         req.seen = total
-        if ctx < row.prompt_len:
+        if ctx < req.prompt_len:
             _plan_prefill(plan, req, row, i, q0, ctx, total, cm)
             dense_rows.append(i)
         elif q1 - q0 == 1 and req.indexed:
@@ -129,10 +131,15 @@ def _num_layers() -> int:
 
 
 def _request_for(row: RowInfo, ctx: int) -> RequestState:
-    """Known request continuing where it stopped, or a new / resumed-after-preemption one (state rebuilt)."""
+    """Known request continuing where it stopped, or a new / resumed-after-preemption one (state rebuilt).
+
+    A request resumed after a preemption recomputes its prompt and the tokens generated so far in one dense
+    prefill, so all of them are indexed as its "prompt" (the scheduler side keeps it dense for as long).
+    """
     req = STATE.requests.get(row.req_id)
     if req is None or req.seen != ctx:
-        req = STATE.new_request(row.req_id, row.extra_args, row.prompt_len, start=ctx)
+        prompt_len = row.num_tokens if ctx == 0 else row.prompt_len
+        req = STATE.new_request(row.req_id, row.extra_args, prompt_len, start=ctx)
     elif req.indexed and req.obs is not None:
         req.obs = None        # the index was built by the previous step's forward
     return req
@@ -140,7 +147,7 @@ def _request_for(row: RowInfo, ctx: int) -> RequestState:
 
 def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: int, ctx: int, total: int,
                   cm: Any) -> None:
-    p = row.prompt_len
+    p = req.prompt_len
     store = STATE.store
     assert store is not None
     n_layers, _, n_heads, head_dim = store.dims
@@ -230,7 +237,7 @@ def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], s
         q_count=(totals - open_starts).float().to(dev), batch=batch, unit_slots=slots.to(dev),
         unit_valid=valid.to(dev), block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
         width=int(min(budgets.max(), totals.max())),
-        host_slots=None if host_slots is None else host_slots.to(dev),
+        host_slots=None if host_slots is None else host_slots.to(dev), reqs=[req for _, req, *_ in rows],
         traced=[(j, req, n) for j, (_, req, _, n) in enumerate(rows) if req.trace is not None])
 
 

@@ -24,6 +24,7 @@ import torch
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
 from sentencekv_vllm.integration import metrics, trace
+from sentencekv_vllm.integration.hotset import HotSet
 from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.trace import RequestTrace
 
@@ -45,6 +46,7 @@ class RequestState:
     stream: Any = None                          # incremental segmenter over generated tokens
     open_start: int = 0                         # first position of the open (generated) sentence
     host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
+    hot: HotSet | None = None                   # device blocks caching host blocks (two-tier memory)
     trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -123,6 +125,7 @@ class WorkerState:
         self.store: UnitStore | None = None
         self.host: Any = None                   # tiers.HostPool when offload == "host"
         self.host_used = 0
+        self.step = 0                           # engine steps planned (hot-set recency)
         self.lock = threading.Lock()
         self._segmenters: dict[str, Any] = {}
 
@@ -180,20 +183,26 @@ class WorkerState:
         self.store.free(state.unit_slots)
         self.store.free_slots.append(state.slot)
 
-    def apply_tier_changes(self, spills: list[tuple[str, int, int, int]], releases: list[str],
+    def apply_tier_changes(self, spills: list[tuple[str, int, int, int, bool]], releases: list[str],
                            host_used: int) -> None:
-        """Connector metadata of this step, applied before the forward: copy newly freed blocks to their host
-        slots and record them in the requests' host maps. Released requests (finish, abort, preemption) need
+        """Connector metadata of this step, applied before the forward: copy newly spilled blocks to their host
+        slots and record them in the requests' host maps; kept blocks join the request's hot set. Released requests (finish, abort, preemption) need
         nothing here: a preempted request restarts from position 0 and gets a fresh state, and the map of a
         finished one is still read once by the retrieval trace."""
         del releases
         if spills:
             assert self.host is not None, "host tier not initialised"
             t0 = time.perf_counter()
-            self.host.spill([block for _, _, block, _ in spills], [slot for *_, slot in spills])
-            for req_id, logical, _, slot in spills:
-                if req_id in self.requests:
-                    self.requests[req_id].host_map[logical] = slot
+            self.host.spill([block for _, _, block, _, _ in spills], [slot for _, _, _, slot, _ in spills])
+            for req_id, logical, block, slot, kept in spills:
+                req = self.requests.get(req_id)
+                if req is None:
+                    continue
+                req.host_map[logical] = slot
+                if kept:
+                    if req.hot is None:
+                        req.hot = HotSet(self.store.dims[0], self.store.device)
+                    req.hot.add(block, logical)
             metrics.observe_transfer(time.perf_counter() - t0)
         self.host_used = host_used
 

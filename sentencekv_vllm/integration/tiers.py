@@ -6,10 +6,12 @@
 * :class:`HostPool` (worker process) holds the host copies, block for block in the device cache's own layout, and
   performs the copies before the step's forward (``handle_preemptions``), i.e. before a freed block can be reused.
 
-Residency policy: after prefill, once a request's context exceeds its budget (it then always decodes sparsely),
-all blocks except the sink blocks and those overlapping the recent window live on the host; selected tokens of
-host blocks are gathered from host memory at each step ("swap-in" into the attention scratch), so no hot set is
-kept on the device and the device footprint per request is ``cdiv(sinks, bs) + cdiv(recent, bs) + 1`` blocks.
+Residency policy: once a request decodes sparsely (its prefill, or its recomputation after a preemption, is done
+and its context exceeds its budget), every block except the sink blocks and those overlapping the recent window is
+copied to the host. ``hot_set_factor x (budget - sinks - recent)`` tokens worth of those blocks (the ones nearest
+the end of the prompt) stay allocated on the device as the request's hot set (see ``hotset.py``); the others go
+back to vLLM's free pool. Device footprint per decoding request:
+``cdiv(sinks, bs) + cdiv(recent, bs) + 1 + hot blocks``.
 """
 
 from __future__ import annotations
@@ -24,34 +26,53 @@ from sentencekv_vllm.integration import metrics
 
 
 @dataclass
+class RequestTier:
+    """What the scheduler side knows about one request's residency."""
+
+    budget: int
+    policy: str
+    dense_until: int            # tokens to (re)compute before decoding: prompt, or prompt + output after preemption
+    hot_quota: int              # device blocks kept as the hot set (in blocks of the KV pool)
+    spilled: set[int] = field(default_factory=set)    # logical blocks with a host copy
+    kept: int = 0               # spilled blocks kept on the device (hot set), <= hot_quota
+
+
+@dataclass
 class EngineTier:
     cfg: SentenceKVConfig = field(default_factory=SentenceKVConfig)
     host_capacity: int = 0
     free_slots: list[int] = field(default_factory=list)
-    budgets: dict[str, tuple[int, str]] = field(default_factory=dict)
+    requests: dict[str, RequestTier] = field(default_factory=dict)
     owned: dict[str, list[int]] = field(default_factory=dict)
-    pending_spills: list[tuple[str, int, int, int]] = field(default_factory=list)
+    pending_spills: list[tuple[str, int, int, int, bool]] = field(default_factory=list)
     pending_releases: list[str] = field(default_factory=list)
+    block_size: int = 16
 
-    def configure(self, cfg: SentenceKVConfig, host_capacity: int) -> None:
-        self.cfg, self.host_capacity = cfg, host_capacity
+    def configure(self, cfg: SentenceKVConfig, host_capacity: int, block_size: int) -> None:
+        self.cfg, self.host_capacity, self.block_size = cfg, host_capacity, block_size
         self.free_slots = list(range(host_capacity - 1, -1, -1))
 
-    def on_request(self, req_id: str, extra_args: dict[str, Any] | None) -> None:
+    def on_request(self, req_id: str, extra_args: dict[str, Any] | None, num_tokens: int) -> None:
+        """A request is about to be scheduled from position 0 (new, or resumed after a preemption)."""
         try:
             cfg = self.cfg.with_request_overrides(extra_args)
         except ValueError:      # already answered with a 400 by the API server; never fail the engine
             cfg = self.cfg
-        self.budgets[req_id] = (cfg.budget, cfg.policy)
+        quota = -(-int(cfg.hot_set_factor * cfg.selection_budget) // self.block_size)
+        self.requests[req_id] = RequestTier(cfg.budget, cfg.policy, num_tokens, quota)
 
-    def spill_range(self, req_id: str, processed: int, prompt_len: int, block_size: int) -> tuple[int, int]:
+    def spill_range(self, req_id: str, processed: int, block_size: int) -> tuple[int, int]:
         """Logical blocks that may leave the device now: ``[first, last)``; empty while the request is dense."""
-        budget, policy = self.budgets.get(req_id, (None, "full"))
-        if budget is None or policy == "full" or processed < prompt_len or processed < budget:
+        tier = self.requests.get(req_id)
+        if tier is None or tier.policy == "full" or processed < max(tier.dense_until, tier.budget):
             return 0, 0
         first = -(-self.cfg.sinks // block_size)
         last = max(first, (processed - self.cfg.recent) // block_size)
         return first, last
+
+    def already_spilled(self, req_id: str) -> set[int]:
+        tier = self.requests.get(req_id)
+        return tier.spilled if tier is not None else set()
 
     def take_host_slots(self, req_id: str, n: int) -> list[int]:
         n = min(n, len(self.free_slots))
@@ -59,22 +80,35 @@ class EngineTier:
         self.owned.setdefault(req_id, []).extend(slots)
         return slots
 
-    def record_spill(self, req_id: str, moves: list[tuple[int, int, int]]) -> None:
-        self.pending_spills.extend((req_id, logical, block, slot) for logical, block, slot in moves)
+    def keep_on_device(self, req_id: str, spilled: list[int]) -> set[int]:
+        """Which of the just-spilled logical blocks stay allocated as hot-set blocks (the last ones first)."""
+        tier = self.requests[req_id]
+        room = max(0, tier.hot_quota - tier.kept)
+        keep = set(spilled[max(0, len(spilled) - room):]) if room else set()
+        tier.kept += len(keep)
+        return keep
+
+    def record_spill(self, req_id: str, moves: list[tuple[int, int, int, bool]]) -> None:
+        self.requests[req_id].spilled.update(logical for logical, *_ in moves)
+        self.pending_spills.extend((req_id, *move) for move in moves)
         metrics.observe_host_blocks(self.host_used, spilled=len(moves))
 
     def release(self, req_id: str) -> None:
-        """Finish, abort or preemption: host slots return to the pool; the worker forgets the request's map."""
+        """Finish, abort or preemption: host slots return to the pool; the worker forgets the request's map.
+        A preempted request is still known here (``forget`` runs first on finish and abort)."""
         slots = self.owned.pop(req_id, [])
         self.free_slots.extend(slots)
+        tier = self.requests.get(req_id)
+        if tier is not None:        # preemption: the request restarts from position 0 and spills afresh
+            tier.spilled, tier.kept = set(), 0
         if slots:
             self.pending_releases.append(req_id)
-            metrics.observe_host_blocks(self.host_used)
+            metrics.observe_host_blocks(self.host_used, preempted=tier is not None)
 
     def forget(self, req_id: str) -> None:
-        self.budgets.pop(req_id, None)
+        self.requests.pop(req_id, None)
 
-    def take_pending(self) -> tuple[list[tuple[str, int, int, int]], list[str]]:
+    def take_pending(self) -> tuple[list[tuple[str, int, int, int, bool]], list[str]]:
         spills, releases = self.pending_spills, self.pending_releases
         self.pending_spills, self.pending_releases = [], []
         return spills, releases
@@ -105,6 +139,7 @@ class HostPool:
             self.pool.append(torch.empty((capacity, per_block), dtype=cache.dtype, device="cpu", pin_memory=pin))
         self.capacity = capacity
         self.bytes_out = 0
+        self.bytes_in = 0
 
     def spill(self, block_ids: list[int], slots: list[int]) -> None:
         """Copy device blocks to host slots, every layer (before the scheduler's reuse of those blocks)."""
@@ -115,6 +150,15 @@ class HostPool:
         for dev, host in zip(self.device_flat, self.pool, strict=True):
             host[dst] = dev[src.to(dev.device)].to("cpu")
             self.bytes_out += host[0].numel() * host.element_size() * len(slots)
+
+
+    def load(self, layer: int, block_ids: torch.Tensor, slots: torch.Tensor) -> int:
+        """Copy host slots into device blocks of one layer (a hot-set swap-in); returns the bytes moved."""
+        dev, host = self.device_flat[layer], self.pool[layer]
+        dev[block_ids.to(dev.device)] = host[slots.cpu()].to(dev.device, non_blocking=True)
+        moved = len(slots) * host.shape[1] * host.element_size()
+        self.bytes_in += moved
+        return moved
 
 
 def host_block_bytes(kv_cache_config: Any) -> int:

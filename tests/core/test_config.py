@@ -23,6 +23,8 @@ BAD = [
     ({"quest_page_size": 0}, "quest_page_size"),
     ({"keep_unretained": 1}, "keep_unretained"),
     ({"host_pool_gib": 0}, "host_pool_gib"),
+    ({"hot_set_factor": -0.5}, "hot_set_factor"),
+    ({"hot_set_factor": "big"}, "hot_set_factor"),
     ({"stats": "yes"}, "stats"),
     ({"spacy_model": 3}, "spacy_model"),
     ({"bugdet": 512}, "bugdet"),

@@ -57,6 +57,8 @@ def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, ident
             together = list(pool.map(lambda p: complete(client, p), identity_prompts))
         text = srv.metrics()
     assert metric(text, "sentencekv_spilled_blocks_total") > 50, "nothing was offloaded"
+    assert metric(text, "sentencekv_hot_set_hits_total") > 0, "the hot set never served a block"
+    assert metric(text, "sentencekv_swap_in_blocks_total") > 0, "no block was swapped into a hot set"
     assert metric(text, "sentencekv_selected_host_tokens_total") > 0, "no token was read from the host tier"
     assert alone == resident_outputs
     assert together == resident_outputs
@@ -88,13 +90,13 @@ def max_running_during(srv, prompt_list: list[str], max_tokens: int) -> tuple[fl
 
 
 def test_small_pool_decodes_more_requests_concurrently(model_path, tokenizer):
-    """40 blocks x 128 tokens; each prompt needs 24 blocks: FULL runs one at a time, SentenceKV keeps ~3 blocks
-    per decoding request on the device and the rest on the host."""
+    """40 blocks x 128 tokens; each prompt needs 24 blocks: FULL runs one at a time, SentenceKV keeps ~4 blocks
+    per decoding request on the device (sinks, recent window, one hot-set block) and the rest on the host."""
     batch = [prompts.long_prompt(tokenizer, 3000, 30_000 + 97_000 * i) for i in range(6)]
     with vllm_server(model_path, *SMALL_POOL, metrics=True) as full:
         full_peak, _ = max_running_during(full, batch, 48)
     with vllm_server(model_path, *SMALL_POOL, "--attention-backend", "sentencekv",
-                     *skv_config(offload="host", host_pool_gib=2.0), metrics=True) as skv:
+                     *skv_config(offload="host", host_pool_gib=2.0, hot_set_factor=0.25), metrics=True) as skv:
         skv_peak, outs = max_running_during(skv, batch, 48)
         time.sleep(2)
         idle = skv.metrics()
