@@ -5,8 +5,8 @@ With ``offload: host`` the backend reports :class:`SentenceKVSpec` (``customize_
 *middle* blocks -- everything but the sink blocks, the recent window and the request's hot-set blocks -- back to
 vLLM's pool, like R-SWA frees a gap. Before that, it takes a host slot for each middle block from
 :data:`~sentencekv_vllm.integration.tiers.ENGINE`, and the KV connector tells the worker to copy the block to that
-slot before anything can overwrite it. Hot-set blocks stay allocated (and counted by vLLM) as device cache space. When the
-host tier is full, blocks simply stay resident (no crash, no wrong tokens).
+slot before anything can overwrite it. Hot-set blocks stay allocated (and counted by vLLM) as device cache space.
+When the host tier is full, blocks simply stay resident (no crash, no wrong tokens).
 """
 
 from __future__ import annotations

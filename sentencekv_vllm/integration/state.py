@@ -186,9 +186,9 @@ class WorkerState:
     def apply_tier_changes(self, spills: list[tuple[str, int, int, int, bool]], releases: list[str],
                            host_used: int) -> None:
         """Connector metadata of this step, applied before the forward: copy newly spilled blocks to their host
-        slots and record them in the requests' host maps; kept blocks join the request's hot set. Released requests (finish, abort, preemption) need
-        nothing here: a preempted request restarts from position 0 and gets a fresh state, and the map of a
-        finished one is still read once by the retrieval trace."""
+        slots and record them in the requests' host maps; kept blocks join the request's hot set. Released
+        requests (finish, abort, preemption) need nothing here: a preempted request restarts from position 0 and
+        gets a fresh state, and the map of a finished one is still read once by the retrieval trace."""
         del releases
         if spills:
             assert self.host is not None, "host tier not initialised"
