@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,7 +65,7 @@ def vllm_server(model: str, *args: str, env: dict[str, str] | None = None, timeo
         deadline = time.time() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{_failure_summary(log.read_text())}")
             try:
                 if requests.get(url + "/health", timeout=2).status_code == 200:
                     break
@@ -93,3 +94,11 @@ def run_serve_expecting_failure(model: str, *args: str, timeout: float = 240) ->
     cmd = [str(VENV_BIN / "vllm"), "serve", model, "--port", str(free_port()), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **BASE_ENV})
     return res.returncode, res.stdout + res.stderr
+
+
+def _failure_summary(text: str) -> str:
+    """The first error line (the root cause; vLLM's engine-startup traceback buries it) plus the log's tail."""
+    causes = [line for line in text.splitlines() if re.search(r"\b\w+(Error|Exception): ", line)
+              and " WARNING " not in line and "Engine core initialization" not in line]
+    head = f"root cause: {causes[0]}\n" if causes else ""
+    return head + text[-4000:]

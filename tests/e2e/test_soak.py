@@ -1,7 +1,7 @@
 """Issue #8: a soak of mixed requests (short/long, streaming or not, some aborted mid-way) against a tiny device
-pool with the host tier on, so aborts and offload happen (the preemption count is recorded; with the host tier
-freeing blocks after each prefill this pool did not force one, see docs/STATUS.md). Afterwards every device and
-host block is back, no 5xx was seen, nothing is stuck and the server RSS is stable. Figures: results/soak.json."""
+pool with the host tier on, so aborts and offload happen (the preemption count is recorded; preemption itself is
+forced deterministically in test_preemption.py). Afterwards every device and host block is back, no 5xx was seen,
+nothing is stuck and the server RSS is stable. Figures: results/soak.json."""
 
 from __future__ import annotations
 
