@@ -67,7 +67,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bench_contexts": [1500] if quick else [2000, 4000],
         "bench_policies": ["full", "sentencekv"] if quick else list(POLICIES),
         "memory_contexts": [1000] if quick else [2000, 4000, 7900],
-        "memory_requests": 3 if quick else 6,
+        "memory_requests": 3 if quick else 10,
+        "memory_hot_factors": [1.0] if quick else [1.0, 0.25],
         "poisson_requests": 3 if quick else 8,
         "poisson_rate": 0.5,
         "bench_tokens": 16 if quick else 64,
@@ -199,8 +200,9 @@ def serve_bench(engine: Engine, tokenizer, cfg: dict) -> dict[str, Any]:
 
 
 def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
-    """Issue #5: device blocks per decoding request and max concurrency in a fixed pool, FULL vs SentenceKV with
-    the host tier, τ = 1024, plus TPOT with transfer time broken out."""
+    """Issue #5: device blocks per decoding request and max concurrency in a fixed pool (room for two FULL
+    requests), FULL vs SentenceKV with the host tier at each hot-set size, τ = 1024, plus TPOT with the decode time
+    split into selection / sparse attention / host transfer."""
     import random
 
     from sentencekv_vllm.eval.tasks import _chat, _haystack
@@ -208,33 +210,26 @@ def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
     rng = random.Random(9)
     budget = 1024
     rows = []
+    engines = [("full", None)] + [(f"sentencekv hot={h:g}", h) for h in cfg["memory_hot_factors"]]
     for ctx in cfg["memory_contexts"]:
         # distinct prompts: identical ones would share blocks through FULL's prefix cache
         batch = [_chat(tokenizer, _haystack(tokenizer, ctx, rng) + "\n\nSummarize.")
                  for _ in range(cfg["memory_requests"])]
-        prompt = batch[0]
         max_len = ctx + 256
         # room for two FULL requests of this length (and one max_model_len request: vLLM's start-up check)
         pool_blocks = max(2 * (-(-(ctx + 128) // 128)) + 2, -(-max_len // 128))
-        n_requests = cfg["memory_requests"]
-        row: dict[str, Any] = {"ctx": ctx, "pool_blocks": pool_blocks, "requests": n_requests}
-        for name, extra in (("full", []), ("sentencekv", ["--attention-backend", "sentencekv",
-                                                          "--additional-config", json.dumps({"sentencekv": {
-                                                              "budget": budget, "offload": "host",
-                                                              "host_pool_gib": 4.0}})])):
+        for name, hot in engines:
+            extra = [] if hot is None else ["--attention-backend", "sentencekv", "--additional-config", json.dumps(
+                {"sentencekv": {"budget": budget, "offload": "host", "host_pool_gib": 4.0, "hot_set_factor": hot}})]
             common = ["--dtype", spec.dtype, "--enforce-eager", "--max-model-len", str(max_len), "--block-size", "128",
                       "--served-model-name", "model", "--num-gpu-blocks-override", str(pool_blocks)]
             with vllm_server(spec.model, *common, *extra, metrics=True) as srv:
-                engine = Engine(srv, "full" if name == "full" else "sentencekv")
-                row[f"{name}_blocks_per_request"] = serving.device_blocks_per_request(engine, prompt, 48)
-                point = serving.batch_point(engine, batch, 48)
-                row[f"{name}_max_running"] = point["peak_running"]
-                row[f"{name}_tpot_s"] = point["tpot_s"]
-                row[f"{name}_transfer_s"] = point["transfer_s"]
-                row[f"{name}_decode_s"] = point["decode_s_sum"]
-                row[f"{name}_preemptions"] = point["preemptions"]
-        rows.append(row)
-        print(f"[memory] ctx={ctx}: {row}", file=sys.stderr)
+                engine = Engine(srv, "full" if hot is None else "sentencekv")
+                row = {"ctx": ctx, "engine": name, "pool_blocks": pool_blocks, "requests": len(batch),
+                       "blocks_per_request": serving.device_blocks_per_request(engine, batch[0], 48),
+                       **serving.batch_point(engine, batch, 48)}
+            rows.append(row)
+            print(f"[memory] ctx={ctx} {name}: {row}", file=sys.stderr)
     return {"budget": budget, "rows": rows}
 
 

@@ -49,12 +49,16 @@ def render(results: dict[str, Any]) -> str:
             out += [f"## {title}", "", _table(["policy", "median length ratio", "share ≥ 1.5x FULL"], rows), ""]
     if "serve-bench" in parts:
         out += ["## Serving (batch × context)", "", serving_table(parts["serve-bench"]["per_policy"]), ""]
-        out += ["Sparse s: seconds in the SentenceKV sparse path (selection, K/V gather, exact softmax) in the point, "
-                "summed over layers (the rest of decode is the model and the stock kernel); transfer s: host-tier "
-                "copies; decode s: sum of per-request decode time.", "",
+        out += ["Decode time split (seconds in the point, summed over layers and steps; exact on CPU): selection s = "
+                "scoring sentences and filling the budget; sparse attn s = gathering the selected K/V and exact "
+                "softmax; transfer s = host-tier copies; the rest of decode s (sum of per-request decode time) is "
+                "the model and, for dense rows, the stock kernel. Older results have only the combined sparse s.", "",
                 f"![latency CDF]({parts['serve-bench']['plot']})", ""]
     if "memory" in parts:
         out += ["## Device memory and concurrency (τ = %d, offload: host)" % parts["memory"]["budget"], "",
+                "Pool sized for two FULL requests of the prompt length; device blocks/req: median of vLLM's KV usage "
+                "while one request decodes alone; max running: vLLM's running-requests gauge while all requests are "
+                "sent at once; hot = `hot_set_factor`.", "",
                 memory_table(parts["memory"]["rows"]), ""]
     return "\n".join(out) + "\n"
 
@@ -77,22 +81,25 @@ def serving_table(per_policy: dict[str, Any]) -> str:
     for policy, b in per_policy.items():
         for p in b["grid"]:
             rows.append([policy, p["ctx"], p["batch"], p["ttft_s"], p["tpot_s"] * 1000, p["throughput_tok_s"],
-                         p["peak_running"], p["peak_kv_usage"] * 100, p["selection_s"], p["transfer_s"],
-                         p["decode_s_sum"]])
+                         p["peak_running"], p["peak_kv_usage"] * 100, p["selection_s"], p.get("attention_s"),
+                         p["transfer_s"], p["decode_s_sum"]])
     return _table(["policy", "ctx", "batch", "TTFT s", "TPOT ms", "tok/s", "peak running", "peak KV %",
-                   "sparse s", "transfer s", "decode s"], rows)
+                   "selection s", "sparse attn s", "transfer s", "decode s"], rows)
 
 
 def memory_table(rows: list[dict[str, Any]]) -> str:
+    full = {r["ctx"]: r for r in rows if r["engine"] == "full"}
     table = []
     for r in rows:
-        full_blocks = r["full_blocks_per_request"]
-        ratio = r["sentencekv_blocks_per_request"] / full_blocks if full_blocks else None
-        conc = r["sentencekv_max_running"] / r["full_max_running"] if r["full_max_running"] else None
-        table.append([r["ctx"], r["full_blocks_per_request"], r["sentencekv_blocks_per_request"], ratio,
-                      r["pool_blocks"], r["requests"], r["full_max_running"], r["sentencekv_max_running"], conc,
-                      r["full_tpot_s"] * 1000, r["sentencekv_tpot_s"] * 1000, r["sentencekv_transfer_s"],
-                      r.get("full_preemptions"), r.get("sentencekv_preemptions")])
-    return _table(["prompt tokens", "FULL blocks/req", "SKV blocks/req", "SKV/FULL", "pool blocks", "requests",
-                   "FULL max running", "SKV max running", "concurrency x", "FULL TPOT ms", "SKV TPOT ms",
-                   "SKV transfer s", "FULL preemptions", "SKV preemptions"], table)
+        base = full.get(r["ctx"], {})
+
+        def vs_full(key: str, r: dict = r, base: dict = base) -> float | None:
+            return r[key] / base[key] if base.get(key) else None
+
+        table.append([r["ctx"], r["engine"], r["blocks_per_request"], vs_full("blocks_per_request"),
+                      r["pool_blocks"], r["requests"], r["peak_running"], vs_full("peak_running"),
+                      r["tpot_s"] * 1000, r.get("selection_s"), r.get("attention_s"), r["transfer_s"],
+                      r.get("hot_hit_rate"), r.get("swap_in_blocks"), r["preemptions"]])
+    return _table(["prompt tokens", "engine", "device blocks/req", "vs FULL", "pool blocks", "requests",
+                   "max running", "concurrency x", "TPOT ms", "selection s", "sparse attn s", "transfer s",
+                   "hot-set hit rate", "swap-in blocks", "preemptions"], table)

@@ -97,10 +97,18 @@ def batch_point(engine: Engine, prompts: list[str], max_tokens: int) -> dict[str
         "peak_running": sampler.peak_running,
         "peak_kv_usage": sampler.peak_usage,
         "selection_s": delta("sentencekv_selection_seconds_total"),
+        "attention_s": delta("sentencekv_sparse_attention_seconds_total"),
+        "swap_in_blocks": delta("sentencekv_swap_in_blocks_total"),
+        "hot_hit_rate": _ratio(delta("sentencekv_hot_set_hits_total"),
+                               delta("sentencekv_hot_set_hits_total") + delta("sentencekv_hot_set_misses_total")),
         "transfer_s": delta("sentencekv_transfer_seconds_total"),
         "decode_s_sum": decode_s,
         "preemptions": delta("vllm:num_preemptions_total"),
     }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
 
 
 def poisson_load(engine: Engine, prompts: list[str], rate: float, max_tokens: int, seed: int = 0) -> list[float]:

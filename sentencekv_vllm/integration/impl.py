@@ -108,11 +108,10 @@ class SentenceKVImplMixin:
                                    output_block_scale)
         if plan.dense is not None:
             self._dense(layer, query, key, value, kv_cache, output, plan.dense)
-        t0 = time.perf_counter()
         counts: list[int] = []
         for group in plan.sparse:
             counts += self._sparse(store, lyr, layer, query, kv_cache, output, group)
-        metrics.observe_attended(counts, time.perf_counter() - t0)
+        metrics.observe_attended(counts)
         return output
 
     # -- index maintenance ---------------------------------------------------------------------------------
@@ -171,6 +170,7 @@ class SentenceKVImplMixin:
 
     def _sparse(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
         """Select per KV head, gather the selected K/V from the paged cache, exact softmax over them."""
+        t0 = time.perf_counter()
         feats = None
         q_sel = None
         if g.policy in ("sentencekv", "quest"):
@@ -183,14 +183,22 @@ class SentenceKVImplMixin:
         pos, ok = select_positions(g.policy, q_sel, feats, g.batch, g.width, details)
         if pos.shape[1] != self.num_kv_heads:
             pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
+        t1 = time.perf_counter()
         layout = self._block_layout(layer, kv_cache)
         block_table, host_slots = g.block_table, g.host_slots
         if host_slots is not None:
             block_table, host_slots = self._hot_tables(layout, lyr, g, pos, ok)
+        t2 = time.perf_counter()
         k, v = layout.gather(kv_cache, block_table, pos)
+        t3 = time.perf_counter()
         if host_slots is not None:
             k, v = self._swap_in(layout, lyr, host_slots, pos, k, v)
+        t4 = time.perf_counter()
         output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale, details).to(output.dtype)
+        t5 = time.perf_counter()
+        # CPU ops are synchronous, so these are exact there; on CUDA they are launch times
+        metrics.observe_decode_phases(selection=t1 - t0, attention=(t3 - t2) + (t5 - t4),
+                                      transfer=(t2 - t1) + (t4 - t3))
         if details is not None and "scores" in details:
             self._trace(lyr, g, details, pos, ok)
         return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
@@ -218,7 +226,6 @@ class SentenceKVImplMixin:
     def _hot_tables(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, ok):
         """Swap this layer's selected host blocks into each request's hot set (``hotset.py``); returns the block
         table and host-slot table the gather then uses (hot blocks read from the device, the rest from the host)."""
-        t0 = time.perf_counter()
         r = pos.shape[0]
         logical = (pos // layout.block_size).view(r, -1)
         on_host = ok.view(r, -1) & (g.host_slots.gather(1, logical) >= 0)
@@ -239,7 +246,6 @@ class SentenceKVImplMixin:
         if hits or misses:
             bytes_per_block = STATE.host.pool[lyr].shape[1] * STATE.host.pool[lyr].element_size()
             metrics.observe_hot_set(hits, misses, loaded, loaded * bytes_per_block)
-            metrics.observe_transfer(time.perf_counter() - t0)
         return block_table, host_slots
 
     def _swap_in(self, layout: BlockLayout, lyr: int, host_table, pos, k, v):
@@ -250,13 +256,11 @@ class SentenceKVImplMixin:
         if not bool(on_host.any()):
             metrics.observe_swap_in(0, int(on_host.numel()), lyr)
             return k, v
-        t0 = time.perf_counter()
         host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()
         hk_, hv_ = layout.gather_blocks(STATE.host.pool[lyr], host_slots, host_pos)
         sel = on_host[..., None]
         k = torch.where(sel, hk_.to(k.device, non_blocking=True), k)
         v = torch.where(sel, hv_.to(v.device, non_blocking=True), v)
-        metrics.observe_transfer(time.perf_counter() - t0)
         metrics.observe_swap_in(int(on_host.sum()), int(on_host.numel()), lyr, 2 * k.shape[-1] * k.element_size())
         return k, v
 

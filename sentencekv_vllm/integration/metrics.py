@@ -32,8 +32,10 @@ def _metrics() -> dict[str, Any] | None:
             "sentences": Histogram("sentencekv_prompt_sentences", "Sentences (units) per prompt",
                                    buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)),
             "segment_s": Histogram("sentencekv_segmentation_seconds", "Prompt segmentation time"),
-            "select_s": Counter("sentencekv_selection_seconds", "Time in the sparse path: selection, K/V gather and "
-                                "exact softmax (all layers)"),
+            "select_s": Counter("sentencekv_selection_seconds", "Sparse decode: scoring units and filling the "
+                                "budget (all layers)"),
+            "attention_s": Counter("sentencekv_sparse_attention_seconds", "Sparse decode: gathering the selected "
+                                   "K/V from the device cache and exact softmax attention (all layers)"),
             "budget": Gauge("sentencekv_budget_tokens", "Server token budget", multiprocess_mode="max"),
             "units": Gauge("sentencekv_live_units", "Sentence units held by live requests",
                            multiprocess_mode="livesum"),
@@ -54,8 +56,8 @@ def _metrics() -> dict[str, Any] | None:
                                     multiprocess_mode="livesum"),
             "host_blocks": Gauge("sentencekv_host_blocks", "Blocks held in the host tier (scheduler view)",
                                  multiprocess_mode="livesum"),
-            "transfer_s": Counter("sentencekv_transfer_seconds", "Time spent copying blocks to the host tier and "
-                                  "reading selected tokens back (all layers)"),
+            "transfer_s": Counter("sentencekv_transfer_seconds", "Host tier: copying blocks out after prefill, "
+                                  "hot-set swap-ins and token-wise host reads (all layers)"),
             "spilled": Counter("sentencekv_spilled_blocks", "Blocks moved from the device pool to the host tier"),
             "requests": Gauge("sentencekv_live_requests", "Requests with SentenceKV state",
                               multiprocess_mode="livesum"),
@@ -88,7 +90,7 @@ def observe_segmentation(seconds: float, n_units: int) -> None:
         m["sentences"].observe(n_units)
 
 
-def observe_attended(counts: list[int], select_seconds: float) -> None:
+def observe_attended(counts: list[int]) -> None:
     m = _metrics()
     if not m:
         return
@@ -96,7 +98,15 @@ def observe_attended(counts: list[int], select_seconds: float) -> None:
         m["attended"].observe(c)
     if counts:
         m["attended_max"].set(max(max(counts), m["attended_max"]._value.get()))
-    m["select_s"].inc(select_seconds)
+
+
+def observe_decode_phases(selection: float, attention: float, transfer: float) -> None:
+    m = _metrics()
+    if m:
+        m["select_s"].inc(selection)
+        m["attention_s"].inc(attention)
+        if transfer:
+            m["transfer_s"].inc(transfer)
 
 
 def observe_swap_in(host_tokens: int, total_tokens: int, layer: int, bytes_per_token: int = 0) -> None:
