@@ -27,7 +27,8 @@ def test_quick_eval_writes_report(tmp_path: Path):
         assert set(parts[part]["summary"]) == {"full", "sentencekv", "streaming", "quest"}
         assert "negative_share" in parts[part]["summary"]["sentencekv"]
     assert parts["serve-bench"]["per_policy"]["sentencekv"]["grid"][0]["tpot_s"] > 0
-    assert parts["memory"]["rows"][0]["sentencekv_blocks_per_request"] > 0
+    memory = {row["engine"]: row for row in parts["memory"]["rows"]}
+    assert 0 < memory["sentencekv hot=1"]["blocks_per_request"] < memory["full"]["blocks_per_request"]
     report = (out / "report.md").read_text()
     assert "Needle in a haystack" in report and "| sentencekv |" in report
     assert (out / "niah_heatmap.png").stat().st_size > 5000 and (out / "latency_cdf.png").exists()
