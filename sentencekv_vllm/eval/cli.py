@@ -202,8 +202,8 @@ def serve_bench(engine: Engine, tokenizer, cfg: dict) -> dict[str, Any]:
 
 def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
     """Issue #5: device blocks per decoding request and max concurrency in a fixed pool (room for two FULL
-    requests), FULL vs SentenceKV with the host tier at each hot-set size, τ = 1024 (quick: 256), plus TPOT with the decode time
-    split into selection / sparse attention / host transfer."""
+    requests), FULL vs SentenceKV with the host tier at each hot-set size, τ = 1024 (quick: 256), plus TPOT with
+    the decode time split into selection / sparse attention / host transfer."""
     import random
 
     from sentencekv_vllm.eval.tasks import _chat, _haystack

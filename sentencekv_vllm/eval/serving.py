@@ -39,7 +39,6 @@ class Sampler:
         self.engine, self.period = engine, period
         self.peak_running = 0.0
         self.peak_usage = 0.0
-        self.usage_samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -49,7 +48,6 @@ class Sampler:
             self.peak_running = max(self.peak_running, m.get("vllm:num_requests_running", 0))
             usage = m.get("vllm:kv_cache_usage_perc", 0)
             self.peak_usage = max(self.peak_usage, usage)
-            self.usage_samples.append((m.get("vllm:num_requests_running", 0), usage))
             time.sleep(self.period)
 
     def __enter__(self) -> "Sampler":
@@ -134,15 +132,17 @@ def poisson_load(engine: Engine, prompts: list[str], rate: float, max_tokens: in
 
 
 def device_blocks_per_request(engine: Engine, prompt: str, max_tokens: int) -> float:
-    """KV blocks one decoding request holds on the device (median over its decode, from vLLM's usage gauge)."""
+    """KV blocks one request holds on the device while it decodes alone: vLLM's usage gauge read after each
+    streamed token from the third on (prefill allocates progressively and SentenceKV spills at the first decode
+    step, so only samples taken after tokens have arrived are the steady state)."""
     total = num_device_blocks(engine)
-    with Sampler(engine, period=0.1) as sampler:
-        stream_one(engine, prompt, max_tokens)
-    busy = [u for running, u in sampler.usage_samples if running >= 1 and u > 0]
-    # chunked prefill allocates blocks progressively and SentenceKV spills after prefill: only the last third of
-    # the request (decode) is the steady state that counts
-    decoding = busy[len(busy) * 2 // 3:]
-    return statistics.median(decoding) * total if decoding else float("nan")
+    samples: list[float] = []
+    stream = engine.client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True})
+    for n, _ in enumerate(stream):
+        if n >= 2:
+            samples.append(scrape(engine).get("vllm:kv_cache_usage_perc", 0.0))
+    return statistics.median(samples) * total if samples else float("nan")
 
 
 def latency_cdf_plot(curves: dict[str, list[float]], path: str) -> None:

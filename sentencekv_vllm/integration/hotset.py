@@ -6,14 +6,17 @@ sentences, so the previous steps' selection is the prefetch hint: the blocks it 
 step only swaps in what changed. The hot blocks are ordinary blocks of vLLM's pool that the scheduler-side manager
 did not free (``tiers.EngineTier.keep_on_device``), so the scheduler counts them like any other block.
 
-Policy, per layer (selection differs per layer) and request:
+Policy, per layer (selection differs per layer) and request, with ``H`` hot blocks:
 
-* a selected block that lives on the host and is resident in this layer's hot set is a hit;
-* a miss is copied whole (K and V of every head) into the least-recently-used hot block not used by this step,
-  blocks with more selected tokens first;
-* when every hot block is already used by this step, the remaining misses are read token-wise from the host for
-  this step only (slower, never wrong).
+* the step's selected host blocks are ranked by how many selected tokens they hold; the top ``H`` should be
+  resident, since they serve the most tokens from the device;
+* a top-``H`` block already resident is a hit and stays; a top-``H`` miss is copied whole (K and V of every head)
+  into a hot block holding none of the top ``H`` -- first one this step does not use at all, then the least
+  recently used;
+* selected blocks outside the top ``H`` that are not resident are read token-wise from the host for this step
+  (slower, never wrong).
 
+Consecutive steps rank mostly the same blocks on top, so after the first steps few blocks move.
 Initially each hot block holds its own logical block (the prompt blocks nearest the end, kept at spill time).
 """
 
@@ -48,20 +51,20 @@ class HotSet:
         """Make the step's host blocks resident where room allows.
 
         ``needed``: distinct host-tier logical blocks this layer selected, most-selected first. Returns the logical
-        blocks resident after the swap-in with their device block ids, and the hits and loaded-block counts.
+        blocks resident after the swap-in with their device block ids, the hits (needed blocks resident before the
+        swap-in) and the number of blocks loaded.
         """
         holds, last = self.holds[layer], self.last[layer]
         hit = torch.isin(needed, holds)
         last[torch.isin(holds, needed)] = step
-        misses = needed[~hit]
-        loaded = 0
-        if misses.numel():
-            free = torch.nonzero(last < step).flatten()
-            victims = free[last[free].argsort(stable=True)][:misses.numel()]
-            loaded = victims.numel()
-            if loaded:
-                load(self.block_ids[victims], misses[:loaded])
-                holds[victims] = misses[:loaded]
-                last[victims] = step
+        top = needed[:len(self)]
+        misses = top[~torch.isin(top, holds)]
+        loaded = misses.numel()
+        if loaded:
+            free = torch.nonzero(~torch.isin(holds, top)).flatten()
+            victims = free[last[free].argsort(stable=True)][:loaded]     # unused this step first, then LRU
+            load(self.block_ids[victims], misses)
+            holds[victims] = misses
+            last[victims] = step
         resident = holds >= 0
         return holds[resident], self.block_ids[resident], int(hit.sum()), loaded

@@ -44,13 +44,21 @@ def test_miss_evicts_least_recently_used_and_only_in_that_layer():
     assert 8 in held1.tolist()                       # layer 1 is untouched
 
 
-def test_blocks_used_this_step_are_never_evicted_and_overflow_stays_on_host():
+def test_most_selected_blocks_take_the_hot_set_and_the_rest_stays_on_host():
     hot = hot_set({100: 1, 101: 2})
     load = Recorder()
-    held, _, hits, loaded = hot.resolve(0, torch.tensor([1, 5, 6]), step=1, load=load)
-    assert (hits, loaded) == (1, 1)
-    assert load.calls == [([101], [5])]              # most-selected miss first; block 1 is in use
-    assert sorted(held.tolist()) == [1, 5]           # 6 is read token-wise from the host this step
+    held, _, hits, loaded = hot.resolve(0, torch.tensor([5, 6, 1]), step=1, load=load)   # 5 most selected
+    assert (hits, loaded) == (1, 2)
+    assert load.calls == [([101, 100], [5, 6])]      # 2 is unused (evicted first); 1 is used but ranks third
+    assert sorted(held.tolist()) == [5, 6]           # 1 is read token-wise from the host this step
+
+
+def test_top_blocks_already_resident_are_not_moved():
+    hot = hot_set({100: 1, 101: 2, 102: 3})
+    load = Recorder()
+    _, _, hits, loaded = hot.resolve(0, torch.tensor([2, 9, 1]), step=1, load=load)
+    assert (hits, loaded) == (2, 1)
+    assert load.calls == [([102], [9])]              # only the slot holding an unselected block is reused
 
 
 def test_previous_selection_is_resident_next_step():
