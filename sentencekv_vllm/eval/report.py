@@ -99,7 +99,7 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
         table.append([r["ctx"], r["engine"], r["blocks_per_request"], vs_full("blocks_per_request"),
                       r["pool_blocks"], r["requests"], r["peak_running"], vs_full("peak_running"),
                       r["tpot_s"] * 1000, r.get("selection_s"), r.get("attention_s"), r["transfer_s"],
-                      r.get("hot_hit_rate"), r.get("swap_in_blocks"), r["preemptions"]])
+                      r.get("hot_hit_rate"), r.get("host_token_share"), r.get("swap_in_blocks"), r["preemptions"]])
     return _table(["prompt tokens", "engine", "device blocks/req", "vs FULL", "pool blocks", "requests",
                    "max running", "concurrency x", "TPOT ms", "selection s", "sparse attn s", "transfer s",
-                   "hot-set hit rate", "swap-in blocks", "preemptions"], table)
+                   "hot-set hit rate", "host-read token share", "swap-in blocks", "preemptions"], table)

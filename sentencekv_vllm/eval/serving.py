@@ -97,6 +97,8 @@ def batch_point(engine: Engine, prompts: list[str], max_tokens: int) -> dict[str
         "selection_s": delta("sentencekv_selection_seconds_total"),
         "attention_s": delta("sentencekv_sparse_attention_seconds_total"),
         "swap_in_blocks": delta("sentencekv_swap_in_blocks_total"),
+        "host_token_share": _ratio(delta("sentencekv_selected_host_tokens_total"),
+                                   delta("sentencekv_selected_tokens_total")),
         "hot_hit_rate": _ratio(delta("sentencekv_hot_set_hits_total"),
                                delta("sentencekv_hot_set_hits_total") + delta("sentencekv_hot_set_misses_total")),
         "transfer_s": delta("sentencekv_transfer_seconds_total"),

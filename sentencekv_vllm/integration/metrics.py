@@ -39,6 +39,8 @@ def _metrics() -> dict[str, Any] | None:
             "budget": Gauge("sentencekv_budget_tokens", "Server token budget", multiprocess_mode="max"),
             "units": Gauge("sentencekv_live_units", "Sentence units held by live requests",
                            multiprocess_mode="livesum"),
+            "index_bytes": Gauge("sentencekv_index_bytes", "Device bytes of the sentence index (centroid pool and "
+                                 "running sums), allocated; outside vLLM's KV pool", multiprocess_mode="livesum"),
             "selected": Counter("sentencekv_selected_tokens", "Tokens selected by sparse rows (layer 0, all heads)"),
             "selected_host": Counter("sentencekv_selected_host_tokens", "Selected tokens read from the host tier "
                                      "(layer 0); hot-set hit rate = 1 - selected_host / selected"),
@@ -81,6 +83,7 @@ def observe_step(plan: Any) -> None:
     m["requests"].set(len(STATE.requests))
     if STATE.store is not None:
         m["units"].set(STATE.store.capacity - len(STATE.store.free_units))
+        m["index_bytes"].set(STATE.store.nbytes())
 
 
 def observe_segmentation(seconds: float, n_units: int) -> None:
