@@ -192,7 +192,7 @@ class SentenceKVImplMixin:
         k, v = layout.gather(kv_cache, block_table, pos)
         t3 = time.perf_counter()
         if host_slots is not None:
-            k, v = self._swap_in(layout, lyr, host_slots, pos, k, v)
+            k, v = self._swap_in(layout, lyr, host_slots, pos, ok, k, v)
         t4 = time.perf_counter()
         output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale, details).to(output.dtype)
         t5 = time.perf_counter()
@@ -248,20 +248,20 @@ class SentenceKVImplMixin:
             metrics.observe_hot_set(hits, misses, loaded, loaded * bytes_per_block)
         return block_table, host_slots
 
-    def _swap_in(self, layout: BlockLayout, lyr: int, host_table, pos, k, v):
+    def _swap_in(self, layout: BlockLayout, lyr: int, host_table, pos, ok, k, v):
         """Selected tokens whose blocks are on the host and not in the hot set are read token-wise from the host."""
         r, hk, w = pos.shape
         slots = host_table.gather(1, (pos // layout.block_size).view(r, -1)).view(r, hk, w)
-        on_host = slots >= 0
+        on_host = (slots >= 0) & ok
         if not bool(on_host.any()):
-            metrics.observe_swap_in(0, int(on_host.numel()), lyr)
+            metrics.observe_swap_in(0, int(ok.sum()), lyr)
             return k, v
         host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()
         hk_, hv_ = layout.gather_blocks(STATE.host.pool[lyr], host_slots, host_pos)
         sel = on_host[..., None]
         k = torch.where(sel, hk_.to(k.device, non_blocking=True), k)
         v = torch.where(sel, hv_.to(v.device, non_blocking=True), v)
-        metrics.observe_swap_in(int(on_host.sum()), int(on_host.numel()), lyr, 2 * k.shape[-1] * k.element_size())
+        metrics.observe_swap_in(int(on_host.sum()), int(ok.sum()), lyr, 2 * k.shape[-1] * k.element_size())
         return k, v
 
     def _block_layout(self, layer, kv_cache) -> BlockLayout:
