@@ -52,6 +52,8 @@ def _metrics() -> dict[str, Any] | None:
                                 "(per layer); hit rate = hits / (hits + misses)"),
             "hot_misses": Counter("sentencekv_hot_set_misses", "Selected host-tier blocks not in the device hot set "
                                   "(per layer): swapped in, or read token-wise when the hot set is full"),
+            "host_full": Counter("sentencekv_host_tier_full", "Spills cut short because the host tier was full "
+                                 "(those blocks stay on the device)"),
             "preempt_releases": Counter("sentencekv_preempted_host_releases", "Preempted requests whose host-tier "
                                         "blocks were released"),
             "swap_out_bytes": Gauge("sentencekv_swap_out_bytes", "Bytes copied to the host tier since start",
@@ -123,11 +125,13 @@ def observe_swap_in(host_tokens: int, total_tokens: int, layer: int, bytes_per_t
         m["swap_in_bytes"].inc(host_tokens * bytes_per_token)
 
 
-def observe_host_blocks(used: int, spilled: int = 0, preempted: bool = False) -> None:
+def observe_host_blocks(used: int, spilled: int = 0, preempted: bool = False, full: bool = False) -> None:
     """Scheduler side (EngineCore): host-tier occupancy is exact there, also when the engine goes idle."""
     m = _metrics()
     if m:
         m["host_blocks"].set(used)
+        if full:
+            m["host_full"].inc()
         if spilled:
             m["spilled"].inc(spilled)
         if preempted:

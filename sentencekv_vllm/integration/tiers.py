@@ -75,6 +75,9 @@ class EngineTier:
         return tier.spilled if tier is not None else set()
 
     def take_host_slots(self, req_id: str, n: int) -> list[int]:
+        """Up to ``n`` free host slots; fewer when the host tier is full (the rest of the blocks stay resident)."""
+        if n > len(self.free_slots):
+            metrics.observe_host_blocks(self.host_used, full=True)
         n = min(n, len(self.free_slots))
         slots = [self.free_slots.pop() for _ in range(n)]
         self.owned.setdefault(req_id, []).extend(slots)

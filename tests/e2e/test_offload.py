@@ -64,6 +64,20 @@ def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, ident
     assert together == resident_outputs
 
 
+def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, identity_prompts, resident_outputs):
+    """A host tier of three fp32 blocks: the first spills take it, every other block stays on the device."""
+    with vllm_server(model_path, *F32, *skv_config(offload="host", host_pool_gib=0.02), metrics=True) as srv:
+        client = openai.OpenAI(base_url=srv.v1, api_key="x")
+        with ThreadPoolExecutor(len(identity_prompts)) as pool:
+            together = list(pool.map(lambda p: complete(client, p), identity_prompts))
+        time.sleep(2)
+        text = srv.metrics()
+    assert metric(text, "sentencekv_spilled_blocks_total") > 0
+    assert metric(text, "sentencekv_host_tier_full_total") > 0, "the host tier never ran full"
+    assert together == resident_outputs
+    assert metric(text, "sentencekv_host_blocks") == 0
+
+
 SMALL_POOL = ("--enforce-eager", "--max-model-len", "4096", "--block-size", "128", "--num-gpu-blocks-override",
               "40", "--max-num-seqs", "16", "--served-model-name", "smollm2")
 
