@@ -59,10 +59,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     return {
         "budget": args.budget or (256 if quick else 512),
-        "contexts": args.contexts or ([1500] if quick else [1000, 2500, 4000, 6000]),
+        "contexts": args.contexts or ([1200] if quick else [1000, 2500, 4000, 6000]),
         "depths": args.depths or ([0.3, 0.7] if quick else [0.1, 0.5, 0.9]),
         "seeds": args.seeds or ([0] if quick else [0, 1]),
-        "ruler_contexts": [1500] if quick else [2000, 4000],
+        "ruler_contexts": [1200] if quick else [2000, 4000],
         "batches": args.batches or ([1, 4] if quick else [1, 4]),
         "bench_contexts": [1500] if quick else [2000, 4000],
         "bench_policies": ["full", "sentencekv"] if quick else list(POLICIES),
@@ -70,13 +70,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "memory_requests": 3 if quick else 10,
         "memory_hot_factors": [1.0] if quick else [1.0, 0.25],
         "memory_budget": 256 if quick else 1024,     # the τ = 1024; quick: small enough to offload at 1k
-        "poisson_requests": 3 if quick else 8,
+        "poisson_requests": 2 if quick else 8,
         "poisson_rate": 0.5,
         "bench_tokens": 16 if quick else 64,
         "length_prompts": 1 if quick else 3,
-        "length_tokens": 48 if quick else 160,
+        "length_tokens": 32 if quick else 160,
         "ppl_texts": 1 if quick else 2,
-        "ppl_tokens": 1500 if quick else 6000,
+        "ppl_tokens": 1000 if quick else 6000,
     }
 
 
