@@ -101,12 +101,10 @@ class EngineTier:
         A preempted request is still known here (``forget`` runs first on finish and abort)."""
         slots = self.owned.pop(req_id, [])
         self.free_slots.extend(slots)
-        tier = self.requests.get(req_id)
-        if tier is not None:        # preemption: the request restarts from position 0 and spills afresh
-            tier.spilled, tier.kept = set(), 0
         if slots:
             self.pending_releases.append(req_id)
-            metrics.observe_host_blocks(self.host_used, preempted=tier is not None)
+            # still known here only on preemption; on_request starts it afresh when it is rescheduled
+            metrics.observe_host_blocks(self.host_used, preempted=req_id in self.requests)
 
     def forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
