@@ -4,7 +4,6 @@ device pool than FULL; device and host usage back to idle afterwards. Real `vllm
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 from tests import prompts
-from tests.server import vllm_server
+from tests.server import metric, vllm_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,6 @@ def skv_config(**kw) -> tuple[str, str]:
 def complete(client, prompt: str, max_tokens: int = 32) -> str:
     res = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0)
     return res.choices[0].text
-
-
-def metric(text: str, name: str) -> float:
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text, re.M)]
-    return sum(values)
 
 
 @pytest.fixture(scope="module")

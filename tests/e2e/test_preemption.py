@@ -10,7 +10,6 @@ device pool and the host tier are back to idle and every request produced its fu
 from __future__ import annotations
 
 import json
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ import openai
 import pytest
 
 from tests import prompts
-from tests.server import vllm_server
+from tests.server import metric, vllm_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,6 @@ ARGS = ("--enforce-eager", "--max-model-len", "1600", "--block-size", "32", "--n
         "--additional-config", json.dumps({"sentencekv": {"budget": 256, "offload": "host", "host_pool_gib": 0.5,
                                                           "hot_set_factor": 0.5}}))
 SPARSE_TOKENS, DENSE_TOKENS = 96, 320
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text,
-                                                        re.M))
 
 
 def generate(client: openai.OpenAI, prompt: str, max_tokens: int, priority: int, xargs: dict | None = None):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import psutil
 import pytest
 
 from tests import prompts
-from tests.server import vllm_server
+from tests.server import metric, vllm_server
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,6 @@ N_REQUESTS = 200
 ARGS = ("--enforce-eager", "--max-model-len", "3584", "--block-size", "32", "--num-gpu-blocks-override", "128",
         "--max-num-seqs", "12", "--served-model-name", "smollm2", "--attention-backend", "sentencekv",
         "--additional-config", json.dumps({"sentencekv": {"budget": 256, "offload": "host", "host_pool_gib": 1.0}}))
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", text,
-                                                        re.M))
 
 
 def server_rss(proc) -> int:
