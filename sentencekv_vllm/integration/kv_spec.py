@@ -30,7 +30,7 @@ class SentenceKVManager(FullAttentionManager):
         super().remove_skipped_blocks(request_id, processed_computed_tokens, num_prompt_tokens)
         if num_prompt_tokens is None or request_id not in self.req_to_blocks:
             return
-        first, last = ENGINE.spill_range(request_id, processed_computed_tokens, self.block_size)
+        first, last = ENGINE.spill_range(request_id, processed_computed_tokens)
         blocks = self.req_to_blocks[request_id]
         done = ENGINE.already_spilled(request_id)
         candidates = [i for i in range(first, min(last, len(blocks)))

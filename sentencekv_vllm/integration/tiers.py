@@ -61,13 +61,13 @@ class EngineTier:
         quota = -(-int(cfg.hot_set_factor * cfg.selection_budget) // self.block_size)
         self.requests[req_id] = RequestTier(cfg.budget, cfg.policy, num_tokens, quota)
 
-    def spill_range(self, req_id: str, processed: int, block_size: int) -> tuple[int, int]:
+    def spill_range(self, req_id: str, processed: int) -> tuple[int, int]:
         """Logical blocks that may leave the device now: ``[first, last)``; empty while the request is dense."""
         tier = self.requests.get(req_id)
         if tier is None or tier.policy == "full" or processed < max(tier.dense_until, tier.budget):
             return 0, 0
-        first = -(-self.cfg.sinks // block_size)
-        last = max(first, (processed - self.cfg.recent) // block_size)
+        first = -(-self.cfg.sinks // self.block_size)
+        last = max(first, (processed - self.cfg.recent) // self.block_size)
         return first, last
 
     def already_spilled(self, req_id: str) -> set[int]:
