@@ -8,7 +8,8 @@ Two modes share one output format, a list of sentence *end* indices (exclusive) 
   or when ``i`` ends a line and ``i+1`` starts one (paragraph). Because the decision about token ``i`` needs token
   ``i+1``, the incremental segmenter used on generated tokens closes a sentence one token late.
 * ``spacy``: ``spacy.blank("en")`` + ``sentencizer`` (or a given pipeline) on the decoded text; sentence start
-  characters map back to tokens through per-token character offsets. Better on ``Dr.`` / ``p.m.``; prompt only.
+  characters map back to tokens through per-token character offsets. Better on ``Dr.`` / ``p.m.``; prompt only:
+  generated tokens go through the ``punct`` stream (:meth:`SpacySegmenter.stream`).
 
 Both then apply the same length rule (``LengthRule``): a candidate boundary closing a sentence shorter than
 ``min_len`` is skipped (the sentence continues), and a sentence reaching ``max_len`` tokens is cut.
@@ -35,15 +36,31 @@ class Tokenizer(Protocol):
 
 
 def _strip_closers(text: str) -> str:
-    return text.rstrip(" \t").rstrip(CLOSERS)
+    """The token text without its trailing whitespace and closing quotes/brackets, in any order.
+
+    Why: vocabularies such as Llama-3's and Qwen2.5's merge the punctuation with what follows it into one token
+    (``".\n"``, ``"?\n\n"``, ``".\""``, ``".\"\n"``); the punctuation must still be seen at the end.
+    """
+    end = len(text)
+    while end and (text[end - 1].isspace() or text[end - 1] in CLOSERS):
+        end -= 1
+    return text[:end]
+
+
+def _ends_with_own_whitespace(text: str) -> bool:
+    """Sentence-final punctuation followed, inside the same token, by whitespace (``".\n"``, ``"!\" "``): the
+    look-ahead that a plain ``"."`` needs from the next token is already part of this one."""
+    core = _strip_closers(text)
+    return core.endswith(FINAL_PUNCT) and any(c.isspace() for c in text[len(core):])
 
 
 @dataclass(frozen=True)
 class TokenClasses:
     """Per-vocabulary boolean tables; index with token ids (vectorised for batches)."""
 
-    weak_end: torch.Tensor     # ends with . ! ? … (needs whitespace after to count)
-    strong_end: torch.Tensor   # contains a blank line or ends with CJK final punctuation
+    weak_end: torch.Tensor     # ends with . ! ? … before closers/whitespace (needs whitespace after to count)
+    strong_end: torch.Tensor   # contains a blank line, ends with CJK final punctuation, or with . ! ? … followed
+                               # by whitespace inside the token (".\n", merged in Llama-3 / Qwen2.5 vocabularies)
     ends_newline: torch.Tensor
     starts_space: torch.Tensor
     starts_newline: torch.Tensor
@@ -56,7 +73,8 @@ class TokenClasses:
 
         return cls(
             weak_end=table(lambda t: _strip_closers(t).endswith(FINAL_PUNCT)),
-            strong_end=table(lambda t: "\n\n" in t or _strip_closers(t).endswith(CJK_FINAL)),
+            strong_end=table(lambda t: "\n\n" in t or _strip_closers(t).endswith(CJK_FINAL)
+                             or _ends_with_own_whitespace(t)),
             ends_newline=table(lambda t: t.endswith("\n")),
             starts_space=table(lambda t: t[:1].isspace()),
             starts_newline=table(lambda t: t.startswith("\n")),
@@ -172,7 +190,7 @@ class IncrementalSegmenter(_Stream):
 
 
 class SpacySegmenter:
-    """Prompt segmentation with spaCy, mapped back to token indices."""
+    """Prompt segmentation with spaCy, mapped back to token indices; generated tokens use the punct stream."""
 
     def __init__(self, tokenizer: Tokenizer, rule: LengthRule, model: str = "blank") -> None:
         import spacy
@@ -188,6 +206,14 @@ class SpacySegmenter:
             self.nlp = spacy.load(model, exclude=["ner", "lemmatizer", "textcat"])
         self.tokenizer = tokenizer
         self.rule = rule
+        self._classes: TokenClasses | None = None
+
+    def stream(self, start: int = 0) -> "IncrementalSegmenter":
+        """Generated tokens arrive one at a time, where spaCy (which needs the whole text) cannot decide; they are
+        segmented by the punctuation rules over token ids, with the same length rule."""
+        if self._classes is None:
+            self._classes = TokenClasses.from_tokenizer(self.tokenizer)
+        return IncrementalSegmenter(self._classes, self.rule, start)
 
     def segment(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
         ids = [int(i) for i in ids]
