@@ -1,13 +1,23 @@
 """Extension point: the attention backend on CUDA (FlashAttention underneath). Same split as ``cpu_backend``.
 
-Written against vLLM 0.32's ``FlashAttentionBackend``; not exercised in CI (no GPU there). Dense rows go through
-``flash_attn_varlen_func`` via the stock impl with sub-batch metadata (``scheduler_metadata=None`` lets FA plan
-the sub-batch itself); sparse rows use the same gather + exact softmax as on CPU.
+Written against vLLM 0.32's ``FlashAttentionBackend``; never run on a GPU (none was available; CPU tests import it
+and check its declared capabilities). Dense rows go through ``flash_attn_varlen_func`` via the stock impl with
+sub-batch metadata (``scheduler_metadata=None`` lets FA plan the sub-batch itself); sparse rows use the same gather
++ exact softmax as on CPU.
+
+CUDA graphs: attention runs outside them (``AttentionCGSupport.NEVER``), the rest of the model in piecewise graphs.
+FlashAttention's builder declares ``ALWAYS`` (FA3) / ``UNIFORM_BATCH`` (FA2), so with vLLM's default
+``FULL_AND_PIECEWISE`` a decode-only step would replay a graph captured with an empty plan: SentenceKV's Python
+forward (step plan, running sums, sentence selection, indexing of generated sentences) would never run, later mixed
+steps would select with stale state, and with the host tier the replayed dense kernel would read freed blocks.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -18,6 +28,10 @@ from sentencekv_vllm.integration.impl import SentenceKVBackendMixin, SentenceKVB
 
 
 class SentenceKVFlashBackend(SentenceKVBackendMixin, FlashAttentionBackend):
+    """FlashAttention's static facts (head sizes, dtypes, block sizes, compute capability >= 8.0) under the name
+    ``SENTENCEKV``; ``validate_configuration`` is FlashAttention's and runs at backend selection
+    (``platform.select_backend``)."""
+
     @staticmethod
     def get_impl_cls() -> type["SentenceKVFlashImpl"]:
         return SentenceKVFlashImpl
@@ -28,6 +42,15 @@ class SentenceKVFlashBackend(SentenceKVBackendMixin, FlashAttentionBackend):
 
 
 class SentenceKVFlashBuilder(SentenceKVBuilderMixin, FlashAttentionMetadataBuilder):
+    # vLLM's runner resolves FULL_AND_PIECEWISE -> PIECEWISE for NEVER when attention is a splitting op (the
+    # default), and refuses explicit FULL modes (``CompilationConfig.resolve_cudagraph_mode_and_sizes``).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        """NEVER, whatever FlashAttention's override computes from the FA version."""
+        return AttentionCGSupport.NEVER
+
     def prefix_len(self, common_prefix_len: int) -> int:
         return 0    # cascade attention shares a prefix across rows, which sparse rows break
 

@@ -14,10 +14,13 @@ CPU_BACKEND = "sentencekv_vllm.integration.cpu_backend.SentenceKVCPUBackend"
 CUDA_BACKEND = "sentencekv_vllm.integration.cuda_backend.SentenceKVFlashBackend"
 
 
-def backend_path() -> str:
-    from vllm.platforms import current_platform
+def backend_path(cpu: bool | None = None) -> str:
+    """Class path of the SentenceKV backend for a CPU (``cpu=True``) or CUDA platform; default: this process's."""
+    if cpu is None:
+        from vllm.platforms import current_platform
 
-    return CPU_BACKEND if current_platform.is_cpu() else CUDA_BACKEND
+        cpu = current_platform.is_cpu()
+    return CPU_BACKEND if cpu else CUDA_BACKEND
 
 
 def resolve(name: str = BACKEND_NAME) -> Any:

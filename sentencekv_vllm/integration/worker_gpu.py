@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from vllm.v1.worker.gpu_worker import Worker
 
+from sentencekv_vllm.integration.platform import ensure_v1_runner
 from sentencekv_vllm.integration.state import attach_runner
 
 
 class SentenceKVGPUWorker(Worker):
     def init_device(self) -> None:
         super().init_device()
+        ensure_v1_runner(self.model_runner)
         attach_runner(self.model_runner, self.vllm_config)
