@@ -50,9 +50,14 @@ class SentenceKVManager(FullAttentionManager):
                 blocks[i] = self._null_block
         self.block_pool.free_blocks(freed)
 
-    def free(self, request_id: str) -> None:
+    def pop_blocks_for_free(self, request_id: str) -> list:
+        """Every way vLLM drops a request's blocks comes through here: ``free`` (finish, abort, preemption) and,
+        with a KV connector under async scheduling, the scheduler's deferred-free path, which pops the blocks
+        now and returns them to the pool once the in-flight step is done (``free`` never runs there). Host slots
+        are released now either way: the worker runs steps in order, so a later step's spill into a released
+        slot lands after every earlier step has read it."""
         ENGINE.release(request_id)
-        super().free(request_id)
+        return super().pop_blocks_for_free(request_id)
 
 
 def register() -> None:

@@ -65,6 +65,9 @@ def _metrics() -> dict[str, Any] | None:
             "spilled": Counter("sentencekv_spilled_blocks", "Blocks moved from the device pool to the host tier"),
             "requests": Gauge("sentencekv_live_requests", "Requests with SentenceKV state",
                               multiprocess_mode="livesum"),
+            "slot_violations": Counter("sentencekv_slot_invariant_violations", "Host-tier slot invariant "
+                                       "violations found by the per-step check (a slot both free and the target "
+                                       "of a pending spill, or held twice); must stay 0"),
         }
     return _M or None
 
@@ -151,3 +154,10 @@ def observe_transfer(seconds: float) -> None:
     m = _metrics()
     if m:
         m["transfer_s"].inc(seconds)
+
+
+def observe_slot_violations(n: int) -> None:
+    """Scheduler side (EngineCore): host-slot invariant violations found by ``EngineTier.check``."""
+    m = _metrics()
+    if m:
+        m["slot_violations"].inc(n)

@@ -16,6 +16,7 @@ back to vLLM's free pool. Device footprint per decoding request:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,11 @@ import torch
 
 from sentencekv_vllm.config import SentenceKVConfig
 from sentencekv_vllm.integration import metrics
+from sentencekv_vllm.integration.log import get_logger
+
+logger = get_logger(__name__)
+# Set (e.g. to 1) for vllm serve to walk the whole host free list every step (tests do).
+CHECK_ENV = "SENTENCEKV_CHECK_SLOTS"
 
 
 @dataclass
@@ -37,20 +43,39 @@ class RequestTier:
     kept: int = 0               # spilled blocks kept on the device (hot set), <= hot_quota
 
 
+Spill = tuple[str, int, int, int, bool]     # (request, logical block, device block, host slot, kept on device)
+
+
+@dataclass
+class HostHolding:
+    """One request's host slots, and the spills to them not yet shipped to the worker.
+
+    Why together: a slot returns to the free list only when its holding is dropped, and the holding's unshipped
+    spills are dropped with it, so a slot can never be free while a pending spill targets it (issue #13 item 3:
+    a finish/preemption inside one ``schedule()`` used to free a slot whose copy was still queued, and the next
+    spill of the same step got the same slot).
+    """
+
+    slots: list[int] = field(default_factory=list)
+    unshipped: list[Spill] = field(default_factory=list)
+
+
 @dataclass
 class EngineTier:
     cfg: SentenceKVConfig = field(default_factory=SentenceKVConfig)
     host_capacity: int = 0
     free_slots: list[int] = field(default_factory=list)
     requests: dict[str, RequestTier] = field(default_factory=dict)
-    owned: dict[str, list[int]] = field(default_factory=dict)
-    pending_spills: list[tuple[str, int, int, int, bool]] = field(default_factory=list)
+    holdings: dict[str, HostHolding] = field(default_factory=dict)
     pending_releases: list[str] = field(default_factory=list)
     block_size: int = 16
+    full_checks: bool = field(default_factory=lambda: os.environ.get(CHECK_ENV, "") not in ("", "0"))
+    violations: int = 0         # slot-invariant violations found by check() since start
 
     def configure(self, cfg: SentenceKVConfig, host_capacity: int, block_size: int) -> None:
         self.cfg, self.host_capacity, self.block_size = cfg, host_capacity, block_size
         self.free_slots = list(range(host_capacity - 1, -1, -1))
+        self.holdings, self.requests, self.pending_releases, self.violations = {}, {}, [], 0
 
     def on_request(self, req_id: str, extra_args: dict[str, Any] | None, num_tokens: int) -> None:
         """A request is about to be scheduled from position 0 (new, or resumed after a preemption)."""
@@ -80,7 +105,8 @@ class EngineTier:
             metrics.observe_host_blocks(self.host_used, full=True)
         n = min(n, len(self.free_slots))
         slots = [self.free_slots.pop() for _ in range(n)]
-        self.owned.setdefault(req_id, []).extend(slots)
+        if slots:
+            self.holdings.setdefault(req_id, HostHolding()).slots.extend(slots)
         return slots
 
     def keep_on_device(self, req_id: str, spilled: list[int]) -> set[int]:
@@ -92,27 +118,70 @@ class EngineTier:
         return keep
 
     def record_spill(self, req_id: str, moves: list[tuple[int, int, int, bool]]) -> None:
+        """Queue copies to slots this request took with :meth:`take_host_slots` (shipped by :meth:`take_pending`)."""
         self.requests[req_id].spilled.update(logical for logical, *_ in moves)
-        self.pending_spills.extend((req_id, *move) for move in moves)
+        self.holdings[req_id].unshipped.extend((req_id, *move) for move in moves)
         metrics.observe_host_blocks(self.host_used, spilled=len(moves))
 
     def release(self, req_id: str) -> None:
-        """Finish, abort or preemption: host slots return to the pool; the worker forgets the request's map.
-        A preempted request is still known here (``forget`` runs first on finish and abort)."""
-        slots = self.owned.pop(req_id, [])
-        self.free_slots.extend(slots)
-        if slots:
-            self.pending_releases.append(req_id)
-            # still known here only on preemption; on_request starts it afresh when it is rescheduled
-            metrics.observe_host_blocks(self.host_used, preempted=req_id in self.requests)
+        """Finish, abort or preemption: the request's host slots return to the pool together with its spills not
+        yet shipped (its blocks are being freed, nothing will read those copies); the worker forgets the
+        request's map. A preempted request is still known here (``forget`` runs first on finish and abort)."""
+        holding = self.holdings.pop(req_id, None)
+        if holding is None:
+            return
+        self.free_slots.extend(holding.slots)
+        self.pending_releases.append(req_id)
+        # still known here only on preemption; on_request starts it afresh when it is rescheduled
+        metrics.observe_host_blocks(self.host_used, preempted=req_id in self.requests)
 
     def forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
 
-    def take_pending(self) -> tuple[list[tuple[str, int, int, int, bool]], list[str]]:
-        spills, releases = self.pending_spills, self.pending_releases
-        self.pending_spills, self.pending_releases = [], []
+    def take_pending(self) -> tuple[list[Spill], list[str]]:
+        """This step's copies and releases for the connector metadata; checks the slot invariant first."""
+        self.check(full=self.full_checks)
+        spills = [spill for holding in self.holdings.values() for spill in holding.unshipped]
+        for holding in self.holdings.values():
+            holding.unshipped = []
+        releases, self.pending_releases = self.pending_releases, []
         return spills, releases
+
+    def check(self, full: bool = False) -> list[str]:
+        """Slot invariant: every slot is free xor held by exactly one request, and every unshipped spill targets a
+        distinct slot its request holds. ``full`` also walks the free list (O(capacity)); the default costs
+        O(unshipped spills) and runs every step. Violations are logged and counted (metric
+        ``sentencekv_slot_invariant_violations_total``), never raised: the engine keeps serving."""
+        problems: list[str] = []
+        targets: set[int] = set()
+        held = 0
+        for req_id, holding in self.holdings.items():
+            held += len(holding.slots)
+            own = set(holding.slots) if holding.unshipped else ()
+            for spill in holding.unshipped:
+                slot = spill[3]
+                if spill[0] != req_id or slot not in own:
+                    problems.append(f"spill {spill} targets a slot {req_id} does not hold")
+                if slot in targets:
+                    problems.append(f"slot {slot} is the target of two pending spills")
+                targets.add(slot)
+        if held + len(self.free_slots) != self.host_capacity:
+            problems.append(f"{held} held + {len(self.free_slots)} free != capacity {self.host_capacity}")
+        if full:
+            free = set(self.free_slots)
+            if len(free) != len(self.free_slots):
+                problems.append("a slot is twice in the free list")
+            owners: dict[int, str] = {}
+            for req_id, holding in self.holdings.items():
+                for slot in holding.slots:
+                    if slot in free or slot in owners:
+                        problems.append(f"slot {slot} of {req_id} is also free or held by {owners.get(slot)}")
+                    owners[slot] = req_id
+        if problems:
+            self.violations += len(problems)
+            metrics.observe_slot_violations(len(problems))
+            logger.error("SentenceKV host-slot invariant violated: %s", "; ".join(problems[:5]))
+        return problems
 
     @property
     def host_used(self) -> int:
