@@ -125,7 +125,7 @@ def test_spacy_segmenter_has_a_stream_for_generated_tokens(tok, spacy_seg):
     assert isinstance(stream, IncrementalSegmenter)
     stream.prev = prompt[-1]
     ends = [e for i in generated for e in stream.push(i)] + stream.finish()
-    text = [tok.decode((prompt + generated)[s:e]) for s, e in zip([len(prompt)] + ends[:-1], ends)]
+    text = [tok.decode((prompt + generated)[s:e]) for s, e in zip([len(prompt)] + ends[:-1], ends, strict=True)]
     assert text == [" It purred loudly.\n", "The cat sat on the mat."]
 
 
