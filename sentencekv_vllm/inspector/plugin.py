@@ -10,6 +10,12 @@ list must keep the general plugin ``sentencekv``) and ``"trace_requests": N`` in
   middle tokens; ``hits``/``share``: how many layer x KV-head selections; ``mean_score``: selection score); the
   OpenAI response id (``cmpl-...``) is enough (prefix match);
 * ``GET /sentencekv/ui`` -- the web page.
+
+With an API key on the server (``--api-key`` or ``VLLM_API_KEY``) every route, the page included, requires
+``Authorization: Bearer <key>`` (:mod:`~sentencekv_vllm.inspector.auth`): 401 otherwise. Opened in a browser
+without the header, ``/sentencekv/ui`` answers 401 with a small form that asks for the key, loads the page with it
+and keeps it in the tab's ``sessionStorage`` for the page's own requests. Handlers are plain functions, so FastAPI
+runs their file reads in its thread pool rather than on the event loop.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 
 from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.inspector.auth import KeyCheck
 from sentencekv_vllm.integration.trace import TRACE_DIR_ENV, trace_dir
 
 _ID = re.compile(r"^[A-Za-z0-9._-]{1,256}$")
@@ -36,11 +43,15 @@ class InspectorPlugin:
 
     def __init__(self) -> None:
         self.config: dict[str, Any] = {}
+        self.auth = KeyCheck([])
 
     def attach_router(self, app: FastAPI) -> None:
+        # vLLM sets app.state.args before plugins attach and adds its key middleware after; same args, same keys
+        self.auth = KeyCheck.from_args(getattr(app.state, "args", None))
         app.include_router(build_router(self))
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
+        self.auth = KeyCheck.from_args(args)
         extra = getattr(args, "additional_config", None) or {}
         if isinstance(extra, str):
             extra = json.loads(extra)
@@ -57,19 +68,24 @@ def _traces() -> list[Path]:
 
 
 def build_router(plugin: InspectorPlugin) -> APIRouter:
-    router = APIRouter(prefix="/sentencekv", tags=["sentencekv"])
+    def require_key(request: Request) -> None:
+        if not plugin.auth.allows(request.headers):
+            raise HTTPException(401, "Unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+    page = APIRouter(prefix="/sentencekv", tags=["sentencekv"])      # checks the key itself (HTML answer)
+    router = APIRouter(dependencies=[Depends(require_key)])            # JSON routes: 401 without the key
 
     @router.get("/config")
-    async def config() -> dict[str, Any]:
+    def config() -> dict[str, Any]:
         return plugin.config
 
     @router.get("/requests")
-    async def requests() -> dict[str, Any]:
+    def requests() -> dict[str, Any]:
         return {"tracing": plugin.config.get("trace_requests", 0) > 0,
                 "requests": [p.stem for p in _traces()]}
 
     @router.get("/requests/{request_id}")
-    async def request(request_id: str, top: int = Query(5, description="retrieved sentences per generated one")):
+    def request(request_id: str, top: int = Query(5, description="retrieved sentences per generated one")):
         if not _ID.match(request_id):
             raise HTTPException(400, "request_id may contain only letters, digits, '.', '_' and '-'")
         if not 1 <= top <= 64:
@@ -85,11 +101,35 @@ def build_router(plugin: InspectorPlugin) -> APIRouter:
             record["retrieved"] = record["retrieved"][:top]
         return doc
 
-    @router.get("/ui", response_class=HTMLResponse)
-    async def ui() -> str:
-        return UI_PATH.read_text()
+    @page.get("/ui", response_class=HTMLResponse)
+    def ui(request: Request) -> HTMLResponse:
+        if not plugin.auth.allows(request.headers):
+            return HTMLResponse(KEY_FORM, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return HTMLResponse(UI_PATH.read_text())
 
-    return router
+    page.include_router(router)
+    return page
+
+
+KEY_FORM = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>SentenceKV inspector: API key</title>
+<style>body{font:14px system-ui,sans-serif;margin:40px}input,button{font:inherit;padding:4px 8px}</style></head>
+<body><h3>SentenceKV retrieval inspector</h3>
+<p>This server requires its API key (<code>--api-key</code> / <code>VLLM_API_KEY</code>).</p>
+<form id="f"><input id="k" type="password" size="40" placeholder="API key" autofocus> <button>Open</button></form>
+<p id="err" style="color:#b91c1c"></p>
+<script>
+document.getElementById("f").onsubmit = async (e) => {
+  e.preventDefault();
+  const key = document.getElementById("k").value;
+  const res = await fetch(location.href, {headers: {Authorization: `Bearer ${key}`}});
+  if (!res.ok) { document.getElementById("err").textContent = `${res.status}: wrong key`; return; }
+  sessionStorage.setItem("sentencekv_api_key", key);
+  const html = await res.text();
+  document.open(); document.write(html); document.close();
+};
+</script></body></html>
+"""
 
 
 def factory() -> InspectorPlugin:
