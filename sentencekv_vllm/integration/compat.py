@@ -2,8 +2,8 @@
 
 Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``,
 ``num_tokens_no_spec``), its
-``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, and the CPU attention custom ops
-(``cpu_attn_get_scheduler_metadata``).
+``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, ``_update_states`` (to see
+``SchedulerOutput.preempted_req_ids``), and the CPU attention custom ops (``cpu_attn_get_scheduler_metadata``).
 """
 
 from __future__ import annotations
@@ -56,6 +56,25 @@ def on_request_removed(runner: Any, callback: Callable[[str, list[int]], None]) 
         original(req_id, req_state)
 
     runner._on_request_state_removed = hook
+
+
+def on_requests_preempted(runner: Any, callback: Callable[[str], None]) -> None:
+    """Call ``callback(req_id)`` for each request the scheduler preempted since the last step, before the runner
+    updates its batch.
+
+    Why: the V1 runner keeps a preempted request's cached state until it resumes (with a full recompute) and
+    fires ``_on_request_state_removed`` only on finish/abort, so per-request state sized to ``max_num_seqs`` would
+    stay held by requests that wait while new ones are admitted. vLLM 0.32's scheduler lists them in
+    ``SchedulerOutput.preempted_req_ids`` every step (documented for the V2 runner; V1 ignores it).
+    """
+    original = runner._update_states
+
+    def update_states(scheduler_output: Any) -> Any:
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            callback(req_id)
+        return original(scheduler_output)
+
+    runner._update_states = update_states
 
 
 def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor,

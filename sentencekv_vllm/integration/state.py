@@ -92,6 +92,18 @@ class UnitStore:
         tensors = [self.feat_a, self.feat_b, self.valid, self.qsum, self.ksum, self.kmax]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def alloc_slot(self) -> int:
+        """A request slot (row of the running sums). Live requests never exceed ``max_num_seqs`` (preempted ones
+        are released, ``attach_runner``); should that ever break, the rows grow (between steps, like the unit
+        pool) with a warning instead of failing the engine."""
+        if not self.free_slots:
+            old = self.qsum.shape[1]
+            get_logger(__name__).warning("SentenceKV: more requests with state than max_num_seqs (%d); growing "
+                                         "the request-slot pool", old)
+            self.qsum, self.ksum, self.kmax = (_grow_rows(t, 2 * old) for t in (self.qsum, self.ksum, self.kmax))
+            self.free_slots.extend(range(2 * old - 1, old - 1, -1))
+        return self.free_slots.pop()
+
     def alloc_units(self, n: int) -> list[int]:
         while len(self.free_units) < n:
             self._grow()
@@ -114,6 +126,15 @@ class UnitStore:
 
         self.feat_a, self.feat_b, self.valid = grow(self.feat_a), grow(self.feat_b), grow(self.valid)
         self.free_units.extend(range(2 * old - 1, old - 1, -1))
+
+
+def _grow_rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """``t`` with dim 1 zero-extended to ``rows``."""
+    if t is None:
+        return None
+    new = torch.zeros((t.shape[0], rows, *t.shape[2:]), dtype=t.dtype, device=t.device)
+    new[:, :t.shape[1]] = t
+    return new
 
 
 class WorkerState:
@@ -163,9 +184,7 @@ class WorkerState:
                     start: int) -> RequestState:
         self.release(req_id)
         assert self.store is not None
-        if not self.store.free_slots:
-            raise RuntimeError("SentenceKV: more running requests than scheduler_config.max_num_seqs")
-        state = RequestState(req_id, self.request_config(extra_args), self.store.free_slots.pop(),
+        state = RequestState(req_id, self.request_config(extra_args), self.store.alloc_slot(),
                              prompt_len, seen=start)
         if self.cfg.trace_requests > 0:
             state.trace = RequestTrace()
@@ -250,11 +269,14 @@ STATE = WorkerState()
 
 
 def attach_runner(runner: Any, vllm_config: Any) -> None:
-    """Called by the SentenceKV worker once its model runner exists."""
-    from sentencekv_vllm.integration.compat import on_request_removed
+    """Called by the SentenceKV worker once its model runner exists. A request's state is freed when the runner
+    drops it (finish, abort) and when the scheduler preempts it: a preempted request restarts from position 0
+    with a fresh state, and until then it must not hold one of the ``max_num_seqs`` request slots."""
+    from sentencekv_vllm.integration.compat import on_request_removed, on_requests_preempted
 
     STATE.configure(runner, vllm_config)
     on_request_removed(runner, STATE.release)
+    on_requests_preempted(runner, STATE.release)
 
 
 def new_stream(state: RequestState, segmenter: Any, last_prompt_token: int) -> IncrementalSegmenter:
