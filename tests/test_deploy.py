@@ -29,31 +29,106 @@ def test_dockerfile_lints_clean(dockerfile):
     assert "HEALTHCHECK" in text and "scripts/install.sh" in text
 
 
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_images_run_as_non_root(dockerfile):
+    users = re.findall(r"^USER\s+(\S+)", (ROOT / dockerfile).read_text(), re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+
+
+def test_readme_docker_run_example():
+    """The GPU user's `docker run`: GPUs, the HF token, the HF cache volume, host IPC (PyTorch shared memory)."""
+    readme = (ROOT / "README.md").read_text()
+    runs = [block for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S) if "docker run" in block]
+    assert any(all(flag in block for flag in ("--gpus all", "-e HF_TOKEN", "--ipc=host", "huggingface"))
+               for block in runs), runs
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose" / "docker-compose.yaml").read_text())
+
+
 def test_compose_matches_compose_spec():
     res = run(str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
               str(DEPLOY / "compose" / "docker-compose.yaml"))
     assert res.returncode == 0, res.stdout + res.stderr
-    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yaml").read_text())
-    assert {"vllm", "prometheus", "grafana"} <= set(compose["services"])
-    for svc in compose["services"].values():
+    services = compose()["services"]
+    assert {"vllm", "prometheus", "grafana"} <= set(services)
+    for svc in services.values():
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
             if src.startswith("."):
                 assert (DEPLOY / "compose" / src).resolve().exists(), vol
 
 
+def test_compose_is_private_by_default():
+    """Issue #17: ports bound to 127.0.0.1 unless BIND_ADDRESS says otherwise; API key and Grafana admin password
+    required from the environment; no anonymous Grafana."""
+    services = compose()["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    assert services["vllm"]["environment"]["VLLM_API_KEY"].startswith("${VLLM_API_KEY:?")
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
+
+
+def k8s_docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if d]
+
+
 def test_k8s_manifests_validate():
     from kubernetes_validate import validate
 
-    docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "sentencekv.yaml").read_text()) if d]
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "Service"}
-    for doc in docs:
+    docs = k8s_docs("sentencekv.yaml")
+    assert {d["kind"] for d in docs} == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"}
+    for doc in docs + k8s_docs("secret.yaml"):
         validate(doc, "1.30", strict=True)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert {"startupProbe", "readinessProbe", "livenessProbe", "resources"} <= set(container)
     serve = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.yaml"])
     assert serve["attention-backend"] == "sentencekv"
+
+
+def test_k8s_deployment_is_hardened():
+    """Issue #17: non-root, no privilege escalation, API key from a Secret, model cache on a PVC, pinned tag."""
+    docs = k8s_docs("sentencekv.yaml")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    env = {e["name"]: e for e in container["env"]}
+    secret = k8s_docs("secret.yaml")[0]
+    ref = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    assert secret["kind"] == "Secret" and ref["name"] == secret["metadata"]["name"]
+    assert ref["key"] in secret["stringData"] and not ref.get("optional", False)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/cache/huggingface")
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["metadata"]["name"]
+    image = container["image"]
+    assert ":" in image and not image.endswith((":latest", ":main")), image
+    assert image == compose()["services"]["vllm"]["image"], "compose and k8s run the same pinned image"
+
+
+def test_k8s_service_monitor_matches_the_service():
+    monitor = k8s_docs("optional/servicemonitor.yaml")[0]
+    service = next(d for d in k8s_docs("sentencekv.yaml") if d["kind"] == "Service")
+    assert monitor["kind"] == "ServiceMonitor" and monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    labels = monitor["spec"]["selector"]["matchLabels"]
+    assert labels.items() <= service["metadata"]["labels"].items()
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert all(e["port"] in ports and e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+
+
+def test_placeholder_api_key_is_refused_by_the_entrypoint():
+    res = subprocess.run(["bash", "scripts/docker-entrypoint.sh"], capture_output=True, text=True, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin", "VLLM_API_KEY": "CHANGE-ME", "MODEL": "m",
+                              "SENTENCEKV_CONFIG": "c"}, check=False)
+    assert res.returncode == 64 and "placeholder" in res.stderr
 
 
 def test_prometheus_config_is_valid():

@@ -199,3 +199,14 @@ def test_cpu_selection_returns_the_cpu_backend(plugin):
 
     assert current_platform.is_cpu()
     assert plugin.platform.select_backend(type(current_platform), _selector(64)) == plugin.registry.CPU_BACKEND
+
+
+# -- supported vLLM versions ---------------------------------------------------------------------------------------
+
+def test_other_vllm_versions_get_a_warning(plugin):
+    import vllm
+
+    assert plugin.platform.version_warning() is None, f"the installed vLLM {vllm.__version__} is supported"
+    assert plugin.platform.version_warning("0.32.3") is None
+    warning = plugin.platform.version_warning("0.33.0")
+    assert warning and "0.33.0" in warning and "0.32" in warning

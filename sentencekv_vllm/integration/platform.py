@@ -27,6 +27,7 @@ CPU_WORKER = "sentencekv_vllm.integration.worker.SentenceKVCPUWorker"
 GPU_WORKER = "sentencekv_vllm.integration.worker_gpu.SentenceKVGPUWorker"
 _STOCK_WORKERS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+SUPPORTED_VLLM = "0.32."
 V1_RUNNER_REASON = ("the SentenceKV backend reads the V1 model runner's persistent input batch (request ids and "
                     "token ids per row) and its request-removal hook, which Model Runner V2 does not have")
 
@@ -37,10 +38,28 @@ def install() -> None:
     cls = type(current_platform)
     if getattr(cls, "_sentencekv_installed", False):
         return
+    warning = version_warning()
+    if warning:
+        get_logger(__name__).warning(warning)
     _wrap_backend_selection(cls)
     _wrap_check_and_update_config(cls)
     _pin_v1_model_runner()
     cls._sentencekv_installed = True
+
+
+def version_warning(version: str | None = None) -> str | None:
+    """The plugin hooks private vLLM APIs (all in ``compat.py``, ``platform.py`` and the backends) that move between
+    releases; it is written and tested against vLLM 0.32.x only. pip keeps other versions out through the extras'
+    pins; if one is installed anyway, say so once per process instead of failing somewhere obscure."""
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if version.startswith(SUPPORTED_VLLM):
+        return None
+    return (f"SentenceKV supports vLLM {SUPPORTED_VLLM}x; this is vLLM {version}. Private vLLM APIs it uses may "
+            "have changed: expect start-up errors or wrong attention; pin vllm==0.32.* (pip install "
+            "'sentencekv-vllm[cuda]') or check sentencekv_vllm/integration/compat.py against this release.")
 
 
 def _wrap_backend_selection(cls: type) -> None:
