@@ -16,7 +16,8 @@ COPY configs ./configs
 RUN scripts/install.sh cuda python3 cuda
 
 # Unprivileged runtime user. Every cache lives under /cache (mode 1777), so the image also runs under any
-# --user uid:gid, e.g. the host user owning a mounted Hugging Face cache.
+# --user uid:gid, e.g. the host user owning a mounted Hugging Face cache (USER is set because such a uid has no
+# passwd entry, and torch's compile cache asks getpass.getuser()).
 RUN (getent group 1000 >/dev/null || groupadd --gid 1000 vllm) \
     && (getent passwd 1000 >/dev/null || useradd --uid 1000 --gid 1000 --no-create-home --shell /usr/sbin/nologin vllm) \
     && mkdir -p /cache/huggingface /cache/vllm /cache/home \
@@ -26,9 +27,12 @@ ENV MODEL=meta-llama/Llama-3.1-8B-Instruct \
     SENTENCEKV_CONFIG=/opt/sentencekv_vllm/configs/llama-3.1-8b-32k.yaml \
     PROMETHEUS_MULTIPROC_DIR=/tmp/sentencekv-prometheus \
     HOME=/cache/home \
+    USER=vllm \
     XDG_CACHE_HOME=/cache \
     HF_HOME=/cache/huggingface \
-    VLLM_CACHE_ROOT=/cache/vllm
+    VLLM_CACHE_ROOT=/cache/vllm \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    TRITON_CACHE_DIR=/cache/triton
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
