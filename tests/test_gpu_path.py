@@ -75,6 +75,29 @@ def test_vllm_config_answers_v1_for_sentencekv_even_where_triton_would_pick_v2(p
     assert cfg.use_v2_model_runner is False
 
 
+def test_engine_config_end_to_end_picks_v1_only_for_sentencekv(plugin, monkeypatch):
+    """Through vLLM's own ``EngineArgs.create_engine_config`` (the API server's path, our platform hook inside),
+    with Triton importable as on CUDA: SENTENCEKV gets V1, its worker, and the variable its child processes
+    inherit; a stock config still gets V2."""
+    import os
+
+    import vllm.config.vllm as vllm_config_module
+    from vllm.engine.arg_utils import EngineArgs
+
+    from sentencekv_vllm import fixtures
+
+    monkeypatch.setenv(V2_ENV, "unset-below")     # so that monkeypatch restores "absent" afterwards
+    monkeypatch.delenv(V2_ENV)
+    monkeypatch.setattr(vllm_config_module, "HAS_TRITON", True)
+    model = str(fixtures.model_path())
+    cfg = EngineArgs(model=model, attention_backend="sentencekv", max_model_len=2048).create_engine_config()
+    assert cfg.use_v2_model_runner is False and os.environ[V2_ENV] == "0"
+    assert cfg.parallel_config.worker_cls == plugin.platform.CPU_WORKER
+    os.environ.pop(V2_ENV)
+    stock = EngineArgs(model=model, max_model_len=2048).create_engine_config()
+    assert stock.use_v2_model_runner is True
+
+
 def test_worker_refuses_a_v2_runner(plugin):
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as RunnerV1
