@@ -3,21 +3,44 @@
 The same key names are used everywhere: the core's Python API, ``--additional-config '{"sentencekv": {...}}'``,
 ``configs/*.yaml`` and the per-request ``vllm_xargs`` overrides (prefixed ``sentencekv_``). Validation happens once,
 at start-up in the API server, so a typo fails before any process is spawned and the message names the key.
+
+The model is a frozen, strict pydantic model (pydantic v2 comes with vLLM): strict so that ``true`` is not an
+integer and ``"512"`` is not a budget, as before; every pydantic error is turned into a
+:class:`SentenceKVConfigError` that starts with the key. The field descriptions are the documentation: the README's
+configuration table and ``docs/config.schema.json`` are generated from them
+(``python -m sentencekv_vllm.config --markdown`` / ``--schema``; a test keeps both in sync).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Mapping
+import argparse
+import json
+import re
+import sys
+from typing import Any, Literal, Mapping, get_args
 
-POLICIES = ("sentencekv", "full", "streaming", "quest")
-SEGMENTATION_MODES = ("punct", "spacy")
-OFFLOAD_MODES = ("none", "host")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+Policy = Literal["sentencekv", "full", "streaming", "quest"]
+Segmentation = Literal["punct", "spacy"]
+Offload = Literal["none", "host"]
+Attention = Literal["auto", "paged", "exact"]
+POLICIES = get_args(Policy)
+SEGMENTATION_MODES = get_args(Segmentation)
+OFFLOAD_MODES = get_args(Offload)
+ATTENTION_MODES = get_args(Attention)
+# ``auto`` attends whole blocks (paged) once the budget spans at least this many of them; below, exact tokens.
+PAGED_MIN_BLOCKS = 8
 ADDITIONAL_CONFIG_KEY = "sentencekv"
 REQUEST_ARG_PREFIX = "sentencekv_"
 # Keys a request may override through ``vllm_xargs`` (``sentencekv_budget``, ``sentencekv_policy``).
 REQUEST_OVERRIDABLE = ("budget", "policy")
+# Per-request flags that are not hyper-parameters (``vllm_xargs.sentencekv_trace: true``): validated here, read by
+# the worker (:func:`sentencekv_vllm.integration.trace.wanted`).
+REQUEST_FLAGS = ("trace",)
+# Bound of the trace ring: one trace is itself bounded (``integration/trace.py``), so the ring's memory is too.
+MAX_TRACE_REQUESTS = 256
 
 
 class SentenceKVConfigError(ValueError):
@@ -28,53 +51,85 @@ class SentenceKVConfigError(ValueError):
         super().__init__(f"sentencekv.{key}: {message}")
 
 
-@dataclass(frozen=True)
-class SentenceKVConfig:
-    """Hyper-parameters of sentence-level KV selection.
+class SentenceKVConfig(BaseModel):
+    """Hyper-parameters of sentence-level KV selection (one description per field below; they are rendered into
+    the README's configuration table and the JSON schema).
 
-    budget: token budget tau attended per decode step (sinks + recent + selected sentences).
-    semantic_factor: r; SnapKV keeps ``budget * r`` important tokens per KV head to build sentence centroids.
-    sinks / recent: tokens always attended at the start / end of the context.
-    policy: ``sentencekv`` | ``full`` | ``streaming`` | ``quest`` (baselines run through the same backend).
-    segmentation: ``punct`` (token-id boundaries, also used on generated text) | ``spacy`` (prompt only).
-    spacy_model: ``blank`` (``spacy.blank("en")`` + sentencizer) or an installed pipeline name.
-    min_sentence_len / max_sentence_len: merge shorter sentences into the next, split longer ones.
-    obs_window / pool_kernel: SnapKV observation window (last prompt queries) and 1-D pooling kernel.
-    quest_page_size: page size (tokens) of the ``quest`` baseline.
-    keep_unretained: sentences with no SnapKV-retained token stay retrievable (centroid over all their keys);
-        ``False`` reproduces the reference code, which discards them.
-    offload: ``none`` | ``host`` (two-tier memory; see README).
-    host_pool_gib: size of the host tier when ``offload == "host"``.
-    hot_set_factor: with ``offload == "host"``, each sparse request keeps ``hot_set_factor x (budget - sinks -
-        recent)`` tokens (rounded up to blocks) of its own device blocks as a hot set caching host blocks its
-        recent selections used; 0 = every selected host token is read from the host each step.
-    stats: collect per-step statistics (attended tokens, selection time) for metrics.
-    trace_requests: retrieval trace ring size (0 = off): the last N finished requests' sentences and what each
-        generated sentence retrieved, for the inspector endpoints (``/sentencekv/...``).
+    Frozen and hashable; build it with ``SentenceKVConfig(...)``, :meth:`from_dict` or
+    :meth:`from_additional_config`, derive variants with :meth:`replace` (validated) rather than
+    ``model_copy(update=...)`` (which pydantic does not validate).
     """
 
-    budget: int = 1024
-    semantic_factor: float = 2.0
-    sinks: int = 32
-    recent: int = 32
-    policy: str = "sentencekv"
-    segmentation: str = "punct"
-    spacy_model: str = "blank"
-    min_sentence_len: int = 4
-    max_sentence_len: int = 128
-    obs_window: int = 32
-    pool_kernel: int = 7
-    quest_page_size: int = 16
-    keep_unretained: bool = True
-    offload: str = "none"
-    host_pool_gib: float = 4.0
-    hot_set_factor: float = 1.0
-    stats: bool = True
-    trace_requests: int = 0
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid", validate_default=False,
+                              title="SentenceKV configuration")
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        _check_values(self)
+    budget: int = Field(1024, gt=0, description=(
+        "τ: tokens attended per decode step and KV head (sinks + recent + selected sentences); must exceed "
+        "`sinks + recent`. Per request: `vllm_xargs.sentencekv_budget`."))
+    semantic_factor: float = Field(2.0, ge=1, description=(
+        "r: SnapKV keeps `budget * r` important prompt tokens per KV head; sentence centroids average those."))
+    sinks: int = Field(32, ge=0, description="Always-attended first tokens (attention sinks).")
+    recent: int = Field(32, ge=0, description="Always-attended last tokens (recent window).")
+    policy: Policy = Field("sentencekv", description=(
+        "`sentencekv`, `full` (stock attention), `streaming` (sinks + last τ−sinks tokens), `quest` (pages "
+        "scored by min/max key bound); baselines run through the same backend. Per request: "
+        "`vllm_xargs.sentencekv_policy` (`quest` only on a `quest` server and vice versa: the units differ)."))
+    segmentation: Segmentation = Field("punct", description=(
+        "`punct` (token-id boundaries; also segments generated text) or `spacy` (prompt only; better on "
+        "\"Dr.\", \"p.m.\")."))
+    spacy_model: str = Field("blank", description=(
+        "`blank` (`spacy.blank(\"en\")` + sentencizer) or an installed spaCy pipeline name."))
+    min_sentence_len: int = Field(4, gt=0, description=(
+        "Shorter sentences are merged into the next one; at most `max_sentence_len`."))
+    max_sentence_len: int = Field(128, gt=0, description="Longer sentences are split.")
+    obs_window: int = Field(32, gt=0, description="SnapKV observation window: the last prompt queries scored.")
+    pool_kernel: int = Field(7, gt=0, description="SnapKV 1-D pooling kernel (odd).")
+    quest_page_size: int = Field(16, gt=0, description="Page size (tokens) of the `quest` baseline.")
+    keep_unretained: bool = Field(True, description=(
+        "Sentences with no SnapKV-retained token stay retrievable (centroid over all their keys); `false` "
+        "reproduces the reference code, which discards them."))
+    offload: Offload = Field("none", description="`host`: two-tier KV memory (see \"Two-tier memory\").")
+    host_pool_gib: float = Field(4.0, gt=0, description="Size of the host tier in GiB when `offload` is `host`.")
+    hot_set_factor: float = Field(1.0, ge=0, description=(
+        "With `offload: host`, each sparse request keeps `hot_set_factor x (budget - sinks - recent)` tokens "
+        "(rounded up to blocks) of its own device blocks as a hot set caching host blocks its recent selections "
+        "used; 0 = every selected host token is read from the host each step."))
+    attention: Attention = Field("auto", description=(
+        "How a sparse decode step attends the chosen sentences. `paged`: the blocks that hold them, read in place "
+        "by the stock paged kernel (no copy; `budget // block_size` blocks per KV head); `exact`: exactly the "
+        "chosen tokens, gathered and attended with an exact softmax (the reference; slower); `auto`: `paged` "
+        f"where the backend supports it and the budget spans >= {PAGED_MIN_BLOCKS} blocks, else `exact`."))
+    stats: bool = Field(True, description=(
+        "Collect per-step statistics (attended tokens, selection time) for metrics."))
+    trace_requests: int = Field(0, ge=0, le=MAX_TRACE_REQUESTS, description=(
+        "Retrieval trace ring size (0 = off, no cost): every request is traced and the newest N finished traces "
+        "are kept in the worker's memory for the inspector (`/sentencekv/...`)."))
+    trace_per_request: bool = Field(True, description=(
+        "A request may ask for its own trace with `vllm_xargs.sentencekv_trace: true` (or opt out with `false`) "
+        "even when `trace_requests` is 0; kept in the same in-memory ring (at least 8 entries)."))
+    trace_dir: str | None = Field(None, description=(
+        "Also write each finished trace as `<request id>.json` into this directory (newest ring-size files "
+        "kept). Default: traces stay in memory only, nothing is written to disk."))
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> "SentenceKVConfig":
+        """Checks that involve more than one key; each still names the key to change."""
+        if self.budget <= self.sinks + self.recent:
+            _fail("budget", f"must exceed sinks + recent ({self.sinks} + {self.recent}), got {self.budget}")
+        if self.min_sentence_len > self.max_sentence_len:
+            _fail("min_sentence_len",
+                  f"must be <= max_sentence_len ({self.max_sentence_len}), got {self.min_sentence_len}")
+        if self.pool_kernel % 2 == 0:
+            _fail("pool_kernel", f"must be odd, got {self.pool_kernel}")
+        if self.trace_dir is not None and not self.trace_dir.strip():
+            _fail("trace_dir", "must be a directory path or null, got an empty string")
+        return self
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise _config_error(err) from None
 
     @property
     def selection_budget(self) -> int:
@@ -89,12 +144,9 @@ class SentenceKVConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "SentenceKVConfig":
         """Build from a user mapping, rejecting unknown keys by name."""
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise SentenceKVConfigError(key, f"unknown key; valid keys are {sorted(known)}")
-        return cls(**values)
+        if values is not None and not isinstance(values, Mapping):
+            raise SentenceKVConfigError("<root>", f"'{ADDITIONAL_CONFIG_KEY}' must be a JSON object")
+        return cls(**{str(k): v for k, v in (values or {}).items()})
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "SentenceKVConfig":
@@ -108,8 +160,13 @@ class SentenceKVConfig:
             raise SentenceKVConfigError("<root>", f"'{ADDITIONAL_CONFIG_KEY}' must be a JSON object")
         return cls.from_dict(section)
 
+    def replace(self, **changes: Any) -> "SentenceKVConfig":
+        """A validated copy with ``changes`` (``model_copy(update=...)`` would skip validation)."""
+        return type(self)(**{**self.model_dump(), **changes}) if changes else self
+
     def with_request_overrides(self, extra_args: Mapping[str, Any] | None) -> "SentenceKVConfig":
-        """Apply ``sentencekv_budget`` / ``sentencekv_policy`` from a request's ``vllm_xargs``."""
+        """Apply ``sentencekv_budget`` / ``sentencekv_policy`` from a request's ``vllm_xargs``; per-request flags
+        (``sentencekv_trace``) are checked here but are not hyper-parameters."""
         if not extra_args:
             return self
         overrides: dict[str, Any] = {}
@@ -117,63 +174,124 @@ class SentenceKVConfig:
             if not key.startswith(REQUEST_ARG_PREFIX):
                 continue
             name = key[len(REQUEST_ARG_PREFIX):]
+            if name in REQUEST_FLAGS:
+                self._check_flag(name, value)
+                continue
             if name not in REQUEST_OVERRIDABLE:
-                raise SentenceKVConfigError(name, f"cannot be set per request; allowed: {list(REQUEST_OVERRIDABLE)}")
+                raise SentenceKVConfigError(
+                    name, f"cannot be set per request; allowed: {list(REQUEST_OVERRIDABLE + REQUEST_FLAGS)}")
             overrides[name] = value
-        return dataclasses.replace(self, **overrides) if overrides else self
+        return self.replace(**overrides)
+
+    def _check_flag(self, name: str, value: Any) -> None:
+        if not isinstance(value, bool):
+            raise SentenceKVConfigError(name, f"must be true or false, got {value!r}")
+        if name == "trace" and value and not self.trace_per_request:
+            raise SentenceKVConfigError(name, "per-request traces are off on this server (trace_per_request: false)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-_INT_KEYS = ("budget", "sinks", "recent", "min_sentence_len", "max_sentence_len", "obs_window", "pool_kernel",
-             "quest_page_size", "trace_requests")
-_FLOAT_KEYS = ("semantic_factor", "host_pool_gib", "hot_set_factor")
-_BOOL_KEYS = ("keep_unretained", "stats")
-_CHOICES = {"policy": POLICIES, "segmentation": SEGMENTATION_MODES, "offload": OFFLOAD_MODES}
+def _fail(key: str, message: str) -> None:
+    """Raise a relation error that :func:`_config_error` turns into ``sentencekv.<key>: <message>``."""
+    raise PydanticCustomError("sentencekv", "{message}", {"key": key, "message": message})
 
 
-def _check_types(cfg: SentenceKVConfig) -> None:
-    for key in _INT_KEYS:
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SentenceKVConfigError(key, f"must be an integer, got {value!r}")
-    for key in _FLOAT_KEYS:
-        value = getattr(cfg, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SentenceKVConfigError(key, f"must be a number, got {value!r}")
-    for key in _BOOL_KEYS:
-        if not isinstance(getattr(cfg, key), bool):
-            raise SentenceKVConfigError(key, f"must be true or false, got {getattr(cfg, key)!r}")
-    for key in (*_CHOICES, "spacy_model"):
-        if not isinstance(getattr(cfg, key), str):
-            raise SentenceKVConfigError(key, f"must be a string, got {getattr(cfg, key)!r}")
+# pydantic error type -> message after "sentencekv.<key>: " (today's wording; ``{input!r}`` etc. from the error).
+_MESSAGES = {
+    "int_type": "must be an integer, got {input!r}",
+    "float_type": "must be a number, got {input!r}",
+    "bool_type": "must be true or false, got {input!r}",
+    "string_type": "must be a string, got {input!r}",
+    "literal_error": "must be one of {choices}, got {input!r}",
+    "greater_than": "must be > {gt}, got {input!r}",
+    "greater_than_equal": "must be >= {ge}, got {input!r}",
+    "less_than_equal": "must be <= {le}, got {input!r}",
+    "extra_forbidden": "unknown key; valid keys are {keys}",
+}
 
 
-def _check_values(cfg: SentenceKVConfig) -> None:
-    for key, choices in _CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise SentenceKVConfigError(key, f"must be one of {list(choices)}, got {getattr(cfg, key)!r}")
-    for key in ("budget", "min_sentence_len", "max_sentence_len", "obs_window", "pool_kernel", "quest_page_size"):
-        if getattr(cfg, key) <= 0:
-            raise SentenceKVConfigError(key, f"must be > 0, got {getattr(cfg, key)}")
-    for key in ("sinks", "recent", "trace_requests"):
-        if getattr(cfg, key) < 0:
-            raise SentenceKVConfigError(key, f"must be >= 0, got {getattr(cfg, key)}")
-    if cfg.budget <= cfg.sinks + cfg.recent:
-        raise SentenceKVConfigError(
-            "budget", f"must exceed sinks + recent ({cfg.sinks} + {cfg.recent}), got {cfg.budget}")
-    if cfg.semantic_factor < 1:
-        raise SentenceKVConfigError("semantic_factor", f"must be >= 1, got {cfg.semantic_factor}")
-    if cfg.min_sentence_len > cfg.max_sentence_len:
-        raise SentenceKVConfigError(
-            "min_sentence_len", f"must be <= max_sentence_len ({cfg.max_sentence_len}), got {cfg.min_sentence_len}")
-    if cfg.pool_kernel % 2 == 0:
-        raise SentenceKVConfigError("pool_kernel", f"must be odd, got {cfg.pool_kernel}")
-    if cfg.hot_set_factor < 0:
-        raise SentenceKVConfigError("hot_set_factor", f"must be >= 0, got {cfg.hot_set_factor}")
-    if cfg.host_pool_gib <= 0:
-        raise SentenceKVConfigError("host_pool_gib", f"must be > 0, got {cfg.host_pool_gib}")
+def _config_error(err: ValidationError) -> SentenceKVConfigError:
+    """The first error of ``err``, worded like the hand-written checks it replaced, naming its key."""
+    first = err.errors(include_url=False)[0]
+    ctx = first.get("ctx") or {}
+    if first["type"] == "sentencekv":
+        return SentenceKVConfigError(ctx["key"], ctx["message"])
+    key = str(first["loc"][0]) if first["loc"] else "<root>"
+    template = _MESSAGES.get(first["type"])
+    if template is None:
+        return SentenceKVConfigError(key, f"{first['msg']}, got {first.get('input')!r}")
+    return SentenceKVConfigError(key, template.format(
+        input=first.get("input"), choices=list(_choices(key)), keys=sorted(SentenceKVConfig.model_fields), **ctx))
 
 
-__all__ = ["SentenceKVConfig", "SentenceKVConfigError", "POLICIES", "SEGMENTATION_MODES"]
+def _choices(key: str) -> tuple[str, ...]:
+    field = SentenceKVConfig.model_fields.get(key)
+    return get_args(field.annotation) if field is not None else ()
+
+
+# -- documentation generated from the model -----------------------------------------------------------------
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the ``sentencekv`` section (committed as ``docs/config.schema.json``)."""
+    schema = SentenceKVConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["description"] = ("The `sentencekv` section of vLLM's --additional-config. Generated by "
+                             "`python -m sentencekv_vllm.config --schema`; do not edit.")
+    return schema
+
+
+def markdown_table() -> str:
+    """The README's configuration table: key, type, default, meaning."""
+    rows = ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
+    for name, field in SentenceKVConfig.model_fields.items():
+        rows.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field.default)} | "
+                    f"{_bounds(field.metadata)} | {_one_line(field.description or '')} |")
+    return "\n".join(rows) + "\n"
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """``> 0``, ``0 … 256`` etc. from the field's constraints (cross-key rules are in the descriptions)."""
+    found = {kind: getattr(m, kind) for m in metadata for kind in ("gt", "ge", "le") if hasattr(m, kind)}
+    low = f"> {found['gt']}" if "gt" in found else f">= {found['ge']}" if "ge" in found else ""
+    if "le" in found:
+        return f"{found.get('ge', found.get('gt'))} … {found['le']}" if "ge" in found else f"<= {found['le']}"
+    return low
+
+
+def _type_name(annotation: Any) -> str:
+    choices = get_args(annotation)
+    if choices and all(isinstance(c, str) for c in choices):
+        return " \\| ".join(f"`{c}`" for c in choices)
+    names = {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "null"}
+    if choices:
+        return " or ".join(names.get(c, str(c)) for c in choices)
+    return names.get(annotation, str(annotation))
+
+
+def _default(value: Any) -> str:
+    return f"`{json.dumps(value)}`"
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sentencekv_vllm.config",
+                                     description="Print SentenceKV's configuration reference.")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--markdown", action="store_true", help="the README's configuration table")
+    group.add_argument("--schema", action="store_true", help="the JSON schema (docs/config.schema.json)")
+    args = parser.parse_args(argv)
+    schema = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+    sys.stdout.write(markdown_table() if args.markdown else schema)
+    return 0
+
+
+__all__ = ["SentenceKVConfig", "SentenceKVConfigError", "POLICIES", "SEGMENTATION_MODES", "json_schema",
+           "markdown_table"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,5 +1,12 @@
-import pytest
+import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import yaml
+
+from sentencekv_vllm import config as config_module
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 
 BAD = [
@@ -64,3 +71,86 @@ def test_request_overrides():
     with pytest.raises(SentenceKVConfigError) as err:
         cfg.with_request_overrides({"sentencekv_sinks": 4})
     assert err.value.key == "sinks"
+
+
+# -- pydantic model (issue #17): strictness, immutability, generated documentation -------------------------------
+
+ROOT = Path(__file__).parents[2]
+TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+@pytest.mark.parametrize("values,fragment", [
+    ({"budget": True}, "sentencekv.budget: must be an integer, got True"),
+    ({"budget": 50}, "sentencekv.budget: must exceed sinks + recent (32 + 32), got 50"),
+    ({"policy": "h2o"}, "sentencekv.policy: must be one of ['sentencekv', 'full', 'streaming', 'quest']"),
+    ({"attention": "flash"}, "sentencekv.attention: must be one of ['auto', 'paged', 'exact']"),
+    ({"trace_requests": True}, "sentencekv.trace_requests: must be an integer"),
+    ({"trace_requests": 10_000}, "sentencekv.trace_requests: must be <= 256"),
+    ({"trace_dir": ""}, "sentencekv.trace_dir"),
+    ({"trace_per_request": "yes"}, "sentencekv.trace_per_request: must be true or false"),
+    ({"bugdet": 512}, "sentencekv.bugdet: unknown key; valid keys are"),
+])
+def test_messages_name_the_key(values, fragment):
+    with pytest.raises(SentenceKVConfigError) as err:
+        SentenceKVConfig.from_dict(values)
+    assert fragment in str(err.value)
+
+
+def test_ints_accept_no_bools_and_floats_accept_ints():
+    assert SentenceKVConfig(host_pool_gib=2).host_pool_gib == 2.0
+    with pytest.raises(SentenceKVConfigError):
+        SentenceKVConfig(host_pool_gib=True)
+    with pytest.raises(SentenceKVConfigError):
+        SentenceKVConfig(budget=512.0)
+
+
+def test_frozen_hashable_and_validated_copies():
+    cfg = SentenceKVConfig(budget=512, attention="exact")
+    assert hash(cfg) == hash(SentenceKVConfig(budget=512, attention="exact")) and len({cfg, cfg.replace()}) == 1
+    with pytest.raises(Exception):
+        cfg.budget = 3
+    assert cfg.replace(budget=256).budget == 256 and cfg.budget == 512
+    with pytest.raises(SentenceKVConfigError) as err:
+        cfg.replace(budget=8)
+    assert err.value.key == "budget"
+    assert SentenceKVConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_per_request_trace_flag():
+    cfg = SentenceKVConfig()
+    assert cfg.with_request_overrides({"sentencekv_trace": True}) == cfg     # a flag, not a hyper-parameter
+    with pytest.raises(SentenceKVConfigError) as err:
+        cfg.with_request_overrides({"sentencekv_trace": 1})
+    assert err.value.key == "trace"
+    with pytest.raises(SentenceKVConfigError) as err:
+        SentenceKVConfig(trace_per_request=False).with_request_overrides({"sentencekv_trace": True})
+    assert err.value.key == "trace"
+    assert SentenceKVConfig(trace_per_request=False).with_request_overrides({"sentencekv_trace": False})
+
+
+def test_readme_table_is_generated():
+    readme = (ROOT / "README.md").read_text()
+    assert TABLE_START in readme and TABLE_END in readme, "README keeps the generated table between markers"
+    body = readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip("\n") + "\n"
+    assert body == config_module.markdown_table(), (
+        "README table out of date: python -m sentencekv_vllm.config --markdown")
+
+
+def test_schema_file_is_generated_and_accepts_the_configs():
+    jsonschema = pytest.importorskip("jsonschema")
+    committed = json.loads((ROOT / "docs" / "config.schema.json").read_text())
+    assert committed == config_module.json_schema(), "python -m sentencekv_vllm.config --schema"
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        section = yaml.safe_load(path.read_text()).get("additional-config", {}).get("sentencekv", {})
+        jsonschema.validate(section, committed)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"budget": "512"}, committed)
+
+
+def test_cli_prints_both():
+    out = subprocess.run([sys.executable, "-m", "sentencekv_vllm.config", "--markdown"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == config_module.markdown_table()
+    out = subprocess.run([sys.executable, "-m", "sentencekv_vllm.config", "--schema"], capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == config_module.json_schema()
