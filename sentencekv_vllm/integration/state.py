@@ -49,7 +49,7 @@ class RequestState:
     open_start: int = 0                         # first position of the open (generated) sentence
     host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
     hot: HotSet | None = None                   # device blocks caching host blocks (two-tier memory)
-    trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0)
+    trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0 or sentencekv_trace)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -186,7 +186,7 @@ class WorkerState:
         assert self.store is not None
         state = RequestState(req_id, self.request_config(extra_args), self.store.alloc_slot(),
                              prompt_len, seen=start)
-        if self.cfg.trace_requests > 0:
+        if trace.wanted(self.cfg, extra_args):
             state.trace = RequestTrace()
             state.trace_pairs = self.store.dims[0] * self.store.dims[1]
         self.requests[req_id] = state
@@ -194,13 +194,13 @@ class WorkerState:
 
     def release(self, req_id: str, token_ids: list[int] | None = None) -> None:
         """Free a request's units and slot (finish, abort, preemption); safe to call twice. With ``token_ids``
-        (the runner dropped the request) a traced request's trace is written first."""
+        (the runner dropped the request) a traced request's trace joins the in-memory ring first."""
         state = self.requests.pop(req_id, None)
         if state is None or self.store is None:
             return
         if state.trace is not None and token_ids and state.indexed:
             block_size = self.vllm_config.cache_config.block_size
-            trace.write(req_id, state, token_ids, self.tokenizer(), self.cfg.trace_requests, block_size)
+            trace.finish(req_id, state, token_ids, self.cfg, block_size, self.tokenizer)
         self.store.free(state.unit_slots)
         self.store.free_slots.append(state.slot)
 

@@ -11,9 +11,12 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from sentencekv_vllm.integration.platform import ensure_v1_runner
 from sentencekv_vllm.integration.state import attach_runner
+from sentencekv_vllm.integration.trace import TraceRPC
 
 
-class SentenceKVCPUWorker(CPUWorker):
+class SentenceKVCPUWorker(TraceRPC, CPUWorker):
+    """vLLM's worker plus the runner hook; ``TraceRPC`` answers the inspector's ``collective_rpc``."""
+
     def init_device(self) -> None:
         super().init_device()
         ensure_v1_runner(self.model_runner)

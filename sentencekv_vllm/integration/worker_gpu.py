@@ -6,9 +6,12 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from sentencekv_vllm.integration.platform import ensure_v1_runner
 from sentencekv_vllm.integration.state import attach_runner
+from sentencekv_vllm.integration.trace import TraceRPC
 
 
-class SentenceKVGPUWorker(Worker):
+class SentenceKVGPUWorker(TraceRPC, Worker):
+    """vLLM's worker plus the runner hook; ``TraceRPC`` answers the inspector's ``collective_rpc``."""
+
     def init_device(self) -> None:
         super().init_device()
         ensure_v1_runner(self.model_runner)
