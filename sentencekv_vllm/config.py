@@ -184,13 +184,23 @@ class SentenceKVConfig(BaseModel):
         return self.replace(**overrides)
 
     def _check_flag(self, name: str, value: Any) -> None:
-        if not isinstance(value, bool):
+        if request_flag(value) is None:
             raise SentenceKVConfigError(name, f"must be true or false, got {value!r}")
         if name == "trace" and value and not self.trace_per_request:
             raise SentenceKVConfigError(name, "per-request traces are off on this server (trace_per_request: false)")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+def request_flag(value: Any) -> bool | None:
+    """A per-request boolean flag, or ``None`` if ``value`` is not one. vLLM's ``vllm_xargs`` schema (``str | int |
+    float | list``) turns JSON ``true`` into ``1`` before any plugin sees it, so ``1`` / ``0`` count as booleans."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    return None
 
 
 def _fail(key: str, message: str) -> None:

@@ -76,6 +76,8 @@ def test_who_is_traced():
     off, ring, no_opt_in = SentenceKVConfig(), SentenceKVConfig(trace_requests=4), SentenceKVConfig(
         trace_per_request=False)
     assert not trace.wanted(off, None) and trace.wanted(off, {"sentencekv_trace": True})
+    assert trace.wanted(off, {"sentencekv_trace": 1}), "vLLM's vllm_xargs schema turns JSON true into 1"
+    assert not trace.wanted(off, {"sentencekv_trace": 2})
     assert trace.wanted(ring, {}) and not trace.wanted(ring, {"sentencekv_trace": False})
     assert not trace.wanted(no_opt_in, {"sentencekv_trace": True})
     assert (trace.ring_size(off), trace.ring_size(ring), trace.ring_size(no_opt_in)) == (trace.OPT_IN_RING, 4, 0)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from sentencekv_vllm.config import request_flag
 from sentencekv_vllm.integration.log import get_logger
 
 TRACE_DIR_ENV = "SENTENCEKV_TRACE_DIR"
@@ -61,8 +62,8 @@ def trace_dir(directory: str | None = None) -> Path | None:
 def wanted(cfg: Any, extra_args: Mapping[str, Any] | None) -> bool:
     """Trace this request? Its own ``sentencekv_trace`` flag if the server allows per-request traces, else the
     server-wide ``trace_requests``."""
-    flag = (extra_args or {}).get("sentencekv_trace")
-    if isinstance(flag, bool) and cfg.trace_per_request:
+    flag = request_flag((extra_args or {}).get("sentencekv_trace"))
+    if flag is not None and cfg.trace_per_request:
         return flag
     return cfg.trace_requests > 0
 

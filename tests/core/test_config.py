@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from sentencekv_vllm import config as config_module
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
@@ -107,7 +108,7 @@ def test_ints_accept_no_bools_and_floats_accept_ints():
 def test_frozen_hashable_and_validated_copies():
     cfg = SentenceKVConfig(budget=512, attention="exact")
     assert hash(cfg) == hash(SentenceKVConfig(budget=512, attention="exact")) and len({cfg, cfg.replace()}) == 1
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.budget = 3
     assert cfg.replace(budget=256).budget == 256 and cfg.budget == 512
     with pytest.raises(SentenceKVConfigError) as err:
@@ -120,8 +121,11 @@ def test_per_request_trace_flag():
     cfg = SentenceKVConfig()
     assert cfg.with_request_overrides({"sentencekv_trace": True}) == cfg     # a flag, not a hyper-parameter
     with pytest.raises(SentenceKVConfigError) as err:
-        cfg.with_request_overrides({"sentencekv_trace": 1})
+        cfg.with_request_overrides({"sentencekv_trace": "yes"})
     assert err.value.key == "trace"
+    assert cfg.with_request_overrides({"sentencekv_trace": 1}) == cfg      # vLLM's vllm_xargs turn true into 1
+    with pytest.raises(SentenceKVConfigError):
+        cfg.with_request_overrides({"sentencekv_trace": 2})
     with pytest.raises(SentenceKVConfigError) as err:
         SentenceKVConfig(trace_per_request=False).with_request_overrides({"sentencekv_trace": True})
     assert err.value.key == "trace"
