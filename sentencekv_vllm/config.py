@@ -106,7 +106,8 @@ class SentenceKVConfig(BaseModel):
         "are kept in the worker's memory for the inspector (`/sentencekv/...`)."))
     trace_per_request: bool = Field(True, description=(
         "A request may ask for its own trace with `vllm_xargs.sentencekv_trace: true` (or opt out with `false`) "
-        "even when `trace_requests` is 0; kept in the same in-memory ring (at least 8 entries)."))
+        "even when `trace_requests` is 0; kept in the same in-memory ring (`trace_requests` entries, or 8 when that "
+        "is 0). `false`: such requests are refused (400)."))
     trace_dir: str | None = Field(None, description=(
         "Also write each finished trace as `<request id>.json` into this directory (newest ring-size files "
         "kept). Default: traces stay in memory only, nothing is written to disk."))
