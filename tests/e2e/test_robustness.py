@@ -283,7 +283,7 @@ def test_fuzz_requests_never_break_the_engine(server, client, tokenizer):
     print(json.dumps(figures, indent=2))
     assert not bad, bad[:5]
     assert healthy(server)
-    assert figures["ok"] >= len(jobs) // 2 and figures["4xx"] >= len(jobs) // 10 and figures["aborted"] > 0
+    assert figures["ok"] >= len(jobs) // 3 and figures["4xx"] >= len(jobs) // 10 and figures["aborted"] > 0
     assert figures["spilled_blocks"] > 0, "the host tier was never used"
     assert figures["slot_violations"] == 0, "host-slot invariant violated"
     assert figures["kv_usage_after"] == 0, "device blocks leaked"
