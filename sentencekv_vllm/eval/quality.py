@@ -1,4 +1,7 @@
-"""Quality at a fixed budget: NIAH grid, RULER-style tasks, QA; per-sample negatives and output lengths vs FULL."""
+"""Quality at a fixed budget: NIAH grid, synthetic retrieval/aggregation tasks, QA; per-sample negatives and output
+lengths vs FULL; and greedy agreement with FULL (stock vLLM), which says something even on a model too small to
+score on the tasks: tokens until the first divergence, share of steps whose top-1 token matches, and the mean
+absolute difference of the chosen tokens' logprobs while the two still agree."""
 
 from __future__ import annotations
 
@@ -16,16 +19,54 @@ NEGATIVE_THETA = 0.10   # a sample is a negative when its score drops by more th
 
 def run_samples(engine: Engine, samples: list[dict], max_tokens: int, desc: str, concurrency: int = 4,
                 temperature: float = 0.0) -> list[dict]:
+    """Every sample through one engine; greedy runs also return token ids and logprobs (``logprobs=1``) so that
+    each policy's output can be compared step by step with FULL's."""
+    greedy = temperature == 0.0
+
     def one(item: tuple[int, dict]) -> dict:
         _, sample = item
         # no per-request seed: on vLLM 0.32 CPU a seeded request in a chunked-prefill step kills the engine
         # ("CPU Generator does not use offset", stock vLLM, see docs/STATUS.md)
-        out = engine.complete(sample["prompt"], max_tokens, temperature=temperature)
-        return {"task": sample["task"], "meta": sample["meta"], "answers": sample["answers"], "output": out["text"],
-                "tokens": out["tokens"], "score": tasks.score(sample, out["text"]) if sample["answers"] else None}
+        out = engine.complete(sample["prompt"], max_tokens, temperature=temperature, logprobs=1 if greedy else None)
+        row = {"task": sample["task"], "meta": sample["meta"], "answers": sample["answers"], "output": out["text"],
+               "tokens": out["tokens"], "score": tasks.score(sample, out["text"]) if sample["answers"] else None}
+        if "token_ids" in out:
+            row["token_ids"], row["logprobs"] = out["token_ids"], out["logprobs"]
+        return row
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(tqdm(pool.map(one, enumerate(samples)), total=len(samples), desc=desc))
+
+
+def agreement(full: dict, other: dict) -> dict[str, float] | None:
+    """Greedy agreement of one sample with FULL's: ``prefix_tokens`` until the first differing token (and its share
+    of FULL's length), ``top1_match`` = share of FULL's steps at which the policy's greedy (top-1) token is the same,
+    ``logprob_mae`` = mean |Δ logprob| of the chosen tokens over the common prefix (0 when bit-identical).
+    None when either side has no token ids (a server without logprobs)."""
+    a, b = full.get("token_ids"), other.get("token_ids")
+    if a is None or b is None:
+        return None
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    matches = sum(x == y for x, y in zip(a, b, strict=False))
+    lp_a, lp_b = full.get("logprobs") or [], other.get("logprobs") or []
+    diffs = [abs(x - y) for x, y in zip(lp_a[:prefix], lp_b[:prefix], strict=False) if x is not None and y is not None]
+    return {"prefix_tokens": prefix, "prefix_share": prefix / max(1, len(a)), "top1_match": matches / max(1, len(a)),
+            "logprob_mae": round(statistics.mean(diffs), 6) if diffs else 0.0}
+
+
+def fidelity(full: list[dict], rows: list[dict]) -> dict[str, Any]:
+    """Greedy agreement with FULL averaged per task and per (task, context length), with n."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for f, r in zip(full, rows, strict=True):
+        agree = agreement(f, r)
+        if agree is None:
+            continue
+        r["agreement"] = agree
+        for key in (r["task"], f"{r['task']}@{r['meta'].get('ctx')}"):
+            groups.setdefault(key, []).append(agree)
+    return {key: {"n": len(v), **{m: statistics.mean(a[m] for a in v) for m in v[0]}} for key, v in groups.items()}
+
+
 
 
 def summarize(results: dict[str, list[dict]]) -> dict[str, Any]:
@@ -43,6 +84,7 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, Any]:
         entry["accuracy_all"] = statistics.mean(scored) if scored else None
         if full is not None and policy != "full":
             entry.update(compare_to_full(full, rows))
+            entry["fidelity"] = fidelity(full, rows)
         summary[policy] = entry
     return summary
 
@@ -62,7 +104,8 @@ def niah_grid(tokenizer, contexts: list[int], depths: list[float], seeds: list[i
 
 
 def niah_heatmap(results: dict[str, list[dict]], path: str) -> None:
-    """One panel per policy: accuracy by context length (x) and needle depth (y)."""
+    """One panel per policy: accuracy by context length (x) and needle depth (y), with the value and the number of
+    samples written in every cell; viridis, which stays readable in grey and for colour-blind readers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,19 +113,27 @@ def niah_heatmap(results: dict[str, list[dict]], path: str) -> None:
 
     policies = list(results)
     fig, axes = plt.subplots(1, len(policies), figsize=(4 * len(policies), 3.6), squeeze=False)
+    im = None
     for ax, policy in zip(axes[0], policies, strict=True):
         rows = [r for r in results[policy] if r["task"] == "niah"]
         ctxs = sorted({r["meta"]["ctx"] for r in rows})
         depths = sorted({r["meta"]["depth"] for r in rows})
-        grid = [[statistics.mean(r["score"] for r in rows if r["meta"]["ctx"] == c and r["meta"]["depth"] == d)
-                 for c in ctxs] for d in depths]
-        im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        cells = [[[r["score"] for r in rows if r["meta"]["ctx"] == c and r["meta"]["depth"] == d] for c in ctxs]
+                 for d in depths]
+        grid = [[statistics.mean(cell) if cell else float("nan") for cell in line] for line in cells]
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for y, line in enumerate(cells):
+            for x, cell in enumerate(line):
+                value = grid[y][x]
+                ax.text(x, y, f"{value:.2f}\nn={len(cell)}" if cell else "n=0", ha="center", va="center",
+                        fontsize=8, color="black" if value == value and value > 0.6 else "white")
         ax.set_xticks(range(len(ctxs)), [str(c) for c in ctxs])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context tokens")
         ax.set_ylabel("needle depth")
         ax.set_title(policy)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (share of samples correct)")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -97,7 +148,7 @@ def prompt_perplexity(engine: Engine, texts: list[str], desc: str) -> list[dict]
 
     rows = []
     for text in tqdm(texts, desc=desc):
-        res = engine.client.completions.create(model="model", prompt=text, max_tokens=1, echo=True, logprobs=0,
+        res = engine.client.completions.create(model=engine.model, prompt=text, max_tokens=1, echo=True, logprobs=0,
                                                temperature=0, extra_body=engine.xargs())
         lps = [lp for lp in res.choices[0].logprobs.token_logprobs if lp is not None]
         rows.append({"tokens": len(lps), "ppl": math.exp(-sum(lps) / max(1, len(lps)))})

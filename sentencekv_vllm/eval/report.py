@@ -18,20 +18,56 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+QUALITY_TITLES = {"niah": "Needle in a haystack", "ruler": "Synthetic tasks (older results: named RULER)",
+                  "synthetic": "Synthetic tasks (multi-key needle, variable tracking, common words; RULER-inspired "
+                               "generators of our own, not RULER's)",
+                  "qa": "QA (who speaks a given line)"}
+
+
+def _used(cfg: dict[str, Any], key: str, policies: list[str]) -> str:
+    """The values of ``key`` the servers reported (/metrics) for these policies, else the requested value."""
+    servers = cfg.get("servers") or {}
+    seen = sorted({str(v[key]) for p, v in servers.items() if p in policies and v.get(key) is not None})
+    if seen:
+        return " / ".join(seen)
+    requested = cfg.get(key)
+    return "vLLM default" if requested is None else str(requested)
+
+
+def header(cfg: dict[str, Any]) -> list[str]:
+    """Model by its id (and what the weights are), τ and block size as the servers reported them, versions."""
+    model = f"`{cfg.get('model_id') or cfg['model']}`"
+    if cfg.get("model_note"):
+        model += f" ({cfg['model_note']}; served from `{cfg['model']}`)"
+    sparse = [p for p in cfg.get("policies", []) if p != "full"]
+    where = (f"running server {cfg['base_url']}" + (f", FULL on {cfg['full_base_url']}" if cfg.get("full_base_url")
+                                                    else ", FULL = its sentencekv_policy full")
+             if cfg.get("base_url") else "servers started by the run")
+    eager = {True: "eager", False: "compiled"}.get(cfg.get("enforce_eager", True), "eager")
+    return ["# SentenceKV evaluation report", "",
+            f"Model {model}, budget τ = {_used(cfg, 'budget', sparse)} tokens, dtype {cfg['dtype']}, block size "
+            f"{_used(cfg, 'block_size', cfg.get('policies', []))}, max_model_len {cfg.get('max_model_len', 8192)}, "
+            f"{eager}, {where}; vLLM {cfg['vllm']}, torch {cfg['torch']} ({cfg['threads']} threads, {cfg['cpu']}), "
+            f"{'quick' if cfg['quick'] else 'full'} mode, {cfg['date']}, wall {cfg.get('wall_s')} s.",
+            "FULL = stock vLLM backend; sentencekv / streaming / quest = the SENTENCEKV backend at the same budget.",
+            ""]
+
+
 def render(results: dict[str, Any]) -> str:
     cfg = results["config"]
     parts = results["parts"]
-    out = ["# SentenceKV evaluation report", "",
-           f"Model `{cfg['model']}`, budget τ = {cfg['budget']} tokens, dtype {cfg['dtype']}, block size "
-           f"{cfg['block_size']}, vLLM {cfg['vllm']}, torch {cfg['torch']} ({cfg['threads']} threads, "
-           f"{cfg['cpu']}), {'quick' if cfg['quick'] else 'full'} mode, {cfg['date']}, wall {cfg.get('wall_s')} s.",
-           "FULL = stock vLLM backend; sentencekv / streaming / quest = the SENTENCEKV backend at the same budget.",
-           ""]
-    for part in ("niah", "ruler", "qa"):
+    out = header(cfg)
+    for part in ("niah", "ruler", "synthetic", "qa"):
         if part in parts:
-            out += [f"## {part.upper() if part != 'niah' else 'Needle in a haystack'}", "", quality_table(parts[part])]
+            out += [f"## {QUALITY_TITLES[part]}", "", quality_table(parts[part])]
             if parts[part].get("plot"):
                 out += ["", f"![{part}]({parts[part]['plot']})"]
+            fid = fidelity_table(parts[part])
+            if fid:
+                out += ["", "Greedy agreement with FULL (per task and context; says something even where the task "
+                        "scores are 0 for every policy): tokens until the first differing token, its share of FULL's "
+                        "output, share of steps whose top-1 token matches FULL's (`logprobs=1`), mean |Δ logprob| of "
+                        "the chosen tokens while they agree.", "", fid]
             out.append("")
     if "ppl" in parts:
         rows = [[p, statistics.mean(r["ppl"] for r in v), sum(r["tokens"] for r in v)]
@@ -47,15 +83,25 @@ def render(results: dict[str, Any]) -> str:
             rows = [[p, v.get("length_ratio_median"), v.get("length_ratio_ge_1_5_share")]
                     for p, v in s.items() if p != "full"]
             out += [f"## {title}", "", _table(["policy", "median length ratio", "share ≥ 1.5x FULL"], rows), ""]
+            fid = fidelity_table(parts[part])
+            if fid and part == "lengths":
+                out += ["Greedy agreement with FULL on the long outputs:", "", fid, ""]
     if "serve-bench" in parts:
         out += ["## Serving (batch × context)", "", serving_table(parts["serve-bench"]["per_policy"]), ""]
+        pct = percentile_table(parts["serve-bench"]["per_policy"])
+        if pct:
+            out += ["Latency percentiles per point (ms; TTFT and TPOT per request, inter-token latency per streamed "
+                    "token gap; Poisson = the arrival run of the CDF below):", "", pct, ""]
         out += ["Decode time split (seconds in the point, summed over layers and steps; exact on CPU): selection s = "
                 "scoring sentences and filling the budget; sparse attn s = gathering the selected K/V and exact "
                 "softmax; transfer s = host-tier copies; the rest of decode s (sum of per-request decode time) is "
                 "the model and, for dense rows, the stock kernel. Older results have only the combined sparse s.", "",
                 f"![latency CDF]({parts['serve-bench']['plot']})", ""]
-    if "memory" in parts:
-        out += ["## Device memory and concurrency (τ = %d, offload: host)" % parts["memory"]["budget"], "",
+    if "memory" in parts and not all("engine" in r for r in parts["memory"]["rows"]):
+        out += ["## Device memory and concurrency", "", "(results.json from an older harness: re-run `memory`)", ""]
+    elif "memory" in parts:
+        out += ["## Device memory and concurrency (τ = %d, block size 128, offload: host)" % parts["memory"]["budget"],
+                "",
                 "Pool sized for two FULL requests of the prompt length; device blocks/req: median of vLLM's KV usage "
                 "while one request decodes alone; max running: vLLM's running-requests gauge while all requests are "
                 "sent at once; hot = `hot_set_factor`.", "",
@@ -74,6 +120,38 @@ def quality_table(part: dict[str, Any]) -> str:
     header = ["policy", *[f"{t} (n={n.get(t)})" for t in task_names], "all", "negatives vs FULL",
               "outputs ≥1.5x FULL"]
     return _table(header, rows)
+
+
+def fidelity_table(part: dict[str, Any]) -> str:
+    """Policy × (task@context) rows of greedy agreement with FULL; empty when no policy has any."""
+    rows = []
+    for policy, v in part["summary"].items():
+        for key, f in sorted((v.get("fidelity") or {}).items()):
+            if "@" in key:
+                task, ctx = key.split("@", 1)
+                rows.append([policy, task, ctx, f["n"], f["prefix_tokens"], f["prefix_share"], f["top1_match"],
+                             f["logprob_mae"]])
+    if not rows:
+        return ""
+    return _table(["policy", "task", "ctx", "n", "tokens to 1st divergence", "share of FULL's output",
+                   "top-1 match share", "mean |Δ logprob| (agreeing prefix)"], rows)
+
+
+def percentile_table(per_policy: dict[str, Any]) -> str:
+    """p50 / p90 / p99 of TTFT, TPOT and ITL per grid point and for the Poisson run; empty for older results."""
+    rows = []
+    for policy, b in per_policy.items():
+        points = [(f"ctx {p['ctx']} × batch {p['batch']}", p) for p in b["grid"]]
+        if b.get("poisson", {}).get("latencies"):
+            points.append(("Poisson", b["poisson"]))
+        for name, p in points:
+            if "ttft_s_p50" not in p:
+                continue
+            rows.append([policy, name, *[p[f"{m}_p{q}"] * 1000 for m in ("ttft_s", "tpot_s", "itl_s")
+                                         for q in (50, 90, 99)]])
+    if not rows:
+        return ""
+    return _table(["policy", "point", *[f"{m} p{q}" for m in ("TTFT", "TPOT", "ITL") for q in (50, 90, 99)]], rows)
 
 
 def serving_table(per_policy: dict[str, Any]) -> str:

@@ -1,35 +1,61 @@
-"""Serving measurements through the OpenAI server: TTFT / TPOT / throughput over a batch x context grid, Poisson
-load with a latency CDF, device KV blocks per request and max concurrency in a fixed pool, decode time split."""
+"""Serving measurements through the OpenAI server: TTFT / TPOT / inter-token latency (mean and p50 / p90 / p99) and
+throughput over a batch x context grid, Poisson load with a latency CDF, device KV blocks per request and max
+concurrency in a fixed pool, decode time split. Works against any OpenAI-compatible server; the ``/metrics``
+columns are empty when the server exposes none."""
 
 from __future__ import annotations
 
+import math
 import random
-import re
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterable
 
-import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from sentencekv_vllm.eval.engines import Engine
 
+PERCENTILES = (50, 90, 99)
 
-def scrape(engine: Engine) -> dict[str, float]:
-    """Sum of each series on /metrics (labels dropped)."""
+
+def samples(text: str) -> Iterable[Any]:
+    """Every sample of a Prometheus text exposition, through prometheus_client's own parser."""
+    for family in text_string_to_metric_families(text):
+        yield from family.samples
+
+
+def sum_by_name(text: str) -> dict[str, float]:
+    """Sum of each series (labels dropped, NaN skipped), keyed by sample name (``..._total`` kept)."""
     out: dict[str, float] = {}
-    for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ([0-9.eE+-]+|NaN)$",
-                         requests.get(engine.server.url + "/metrics", timeout=30).text, re.M):
-        if m.group(3) != "NaN":
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    for s in samples(text):
+        if not math.isnan(s.value):
+            out[s.name] = out.get(s.name, 0.0) + s.value
     return out
 
 
+def scrape(engine: Engine) -> dict[str, float]:
+    """Sum of each series on the engine's /metrics (labels dropped)."""
+    return sum_by_name(engine.metrics_text())
+
+
+def server_info(engine: Engine) -> dict[str, Any]:
+    """What the server says it runs with: vLLM's cache config (block size, device blocks) and SentenceKV's budget
+    gauge, so report headers print the values actually used rather than the harness's defaults."""
+    info: dict[str, Any] = {}
+    for s in samples(engine.metrics_text()):
+        if s.name == "vllm:cache_config_info":
+            for key in ("block_size", "num_gpu_blocks"):
+                if s.labels.get(key, "").isdigit():
+                    info[key] = int(s.labels[key])
+        elif s.name == "sentencekv_budget_tokens" and not math.isnan(s.value):
+            info["budget"] = max(info.get("budget", 0), int(s.value))
+    return info
+
+
 def num_device_blocks(engine: Engine) -> int:
-    text = requests.get(engine.server.url + "/metrics", timeout=30).text
-    m = re.search(r'vllm:cache_config_info\{[^}]*num_gpu_blocks="(\d+)"', text)
-    return int(m.group(1)) if m else 0
+    return server_info(engine).get("num_gpu_blocks", 0)
 
 
 class Sampler:
@@ -59,21 +85,50 @@ class Sampler:
         self._thread.join()
 
 
-def stream_one(engine: Engine, prompt: str, max_tokens: int) -> dict[str, float]:
-    """One streamed request with a fixed output length: TTFT, TPOT and end-to-end latency."""
+def stream_one(engine: Engine, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """One streamed request with a fixed output length: TTFT, TPOT, end-to-end latency and every inter-token gap
+    (from the arrival time of each streamed chunk; vLLM streams one token per chunk)."""
     t0 = time.perf_counter()
     stamps: list[float] = []
     extra = dict(engine.xargs() or {})
     extra["ignore_eos"] = True
-    stream = engine.client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                              stream=True, extra_body=extra)
+    stream = engine.client.completions.create(model=engine.model, prompt=prompt, max_tokens=max_tokens,
+                                              temperature=0, stream=True, extra_body=extra)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
     end = time.perf_counter()
     ttft = stamps[0] - t0 if stamps else float("nan")
-    tpot = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1) if len(stamps) > 1 else float("nan")
-    return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - t0, "chunks": len(stamps)}
+    itl = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    tpot = (stamps[-1] - stamps[0]) / len(itl) if itl else float("nan")
+    return {"ttft_s": ttft, "tpot_s": tpot, "latency_s": end - t0, "chunks": len(stamps), "itl_s": itl}
+
+
+def percentiles(values: list[float], prefix: str) -> dict[str, float]:
+    """``{prefix_p50, prefix_p90, prefix_p99}`` (linear interpolation, as numpy's default); NaN when empty."""
+    vals = sorted(v for v in values if v == v)
+    out = {}
+    for p in PERCENTILES:
+        if not vals:
+            out[f"{prefix}_p{p}"] = float("nan")
+            continue
+        k = (len(vals) - 1) * p / 100
+        lo, hi = math.floor(k), math.ceil(k)
+        out[f"{prefix}_p{p}"] = vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+    return out
+
+
+def latency_stats(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and p50 / p90 / p99 of TTFT and TPOT (per request) and inter-token latency (per token gap)."""
+    def mean(values: list[float]) -> float:
+        vals = [v for v in values if v == v]
+        return statistics.mean(vals) if vals else float("nan")
+
+    ttft = [r["ttft_s"] for r in rows]
+    tpot = [r["tpot_s"] for r in rows]
+    itl = [gap for r in rows for gap in r["itl_s"]]
+    return {"ttft_s": mean(ttft), "tpot_s": mean(tpot), "itl_s": mean(itl),
+            **percentiles(ttft, "ttft_s"), **percentiles(tpot, "tpot_s"), **percentiles(itl, "itl_s")}
 
 
 def batch_point(engine: Engine, prompts: list[str], max_tokens: int) -> dict[str, Any]:
@@ -89,8 +144,7 @@ def batch_point(engine: Engine, prompts: list[str], max_tokens: int) -> dict[str
 
     decode_s = sum(r["tpot_s"] * max(0, r["chunks"] - 1) for r in rows if r["tpot_s"] == r["tpot_s"])
     return {
-        "ttft_s": statistics.mean(r["ttft_s"] for r in rows),
-        "tpot_s": statistics.mean(r["tpot_s"] for r in rows),
+        **latency_stats(rows),
         "throughput_tok_s": sum(r["chunks"] for r in rows) / wall,
         "peak_running": sampler.peak_running,
         "peak_kv_usage": sampler.peak_usage,
@@ -111,16 +165,17 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def poisson_load(engine: Engine, prompts: list[str], rate: float, max_tokens: int, seed: int = 0) -> list[float]:
-    """Requests arrive with exponential gaps (mean 1/rate); returns end-to-end latencies."""
+def poisson_load(engine: Engine, prompts: list[str], rate: float, max_tokens: int, seed: int = 0) -> dict[str, Any]:
+    """Requests arrive with exponential gaps (mean 1/rate); returns the sorted end-to-end latencies plus TTFT /
+    TPOT / ITL percentiles over the run."""
     rng = random.Random(seed)
-    latencies: list[float] = []
+    rows: list[dict[str, Any]] = []
     lock = threading.Lock()
 
     def fire(prompt: str) -> None:
-        lat = stream_one(engine, prompt, max_tokens)["latency_s"]
+        row = stream_one(engine, prompt, max_tokens)
         with lock:
-            latencies.append(lat)
+            rows.append(row)
 
     threads = []
     for prompt in prompts:
@@ -130,7 +185,8 @@ def poisson_load(engine: Engine, prompts: list[str], rate: float, max_tokens: in
         time.sleep(rng.expovariate(rate))
     for th in threads:
         th.join()
-    return sorted(latencies)
+    latencies = sorted(r["latency_s"] for r in rows)
+    return {"latencies": latencies, **latency_stats(rows), **percentiles(latencies, "latency_s")}
 
 
 def device_blocks_per_request(engine: Engine, prompt: str, max_tokens: int) -> float:
@@ -138,27 +194,33 @@ def device_blocks_per_request(engine: Engine, prompt: str, max_tokens: int) -> f
     streamed token from the third on (prefill allocates progressively and SentenceKV spills at the first decode
     step, so only samples taken after tokens have arrived are the steady state)."""
     total = num_device_blocks(engine)
-    samples: list[float] = []
-    stream = engine.client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True})
+    usage: list[float] = []
+    stream = engine.client.completions.create(model=engine.model, prompt=prompt, max_tokens=max_tokens,
+                                              temperature=0, stream=True, extra_body={"ignore_eos": True})
     for n, _ in enumerate(stream):
         if n >= 2:
-            samples.append(scrape(engine).get("vllm:kv_cache_usage_perc", 0.0))
-    return statistics.median(samples) * total if samples else float("nan")
+            usage.append(scrape(engine).get("vllm:kv_cache_usage_perc", 0.0))
+    return statistics.median(usage) * total if usage else float("nan")
 
 
-def latency_cdf_plot(curves: dict[str, list[float]], path: str) -> None:
+def latency_cdf_plot(curves: dict[str, list[float]], path: str, title: str = "") -> None:
+    """Empirical CDF as a step function (each request is one step, no interpolation between them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, lat in curves.items():
         if lat:
-            ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=name)
+            xs = sorted(lat)
+            ax.step([0.0, *xs], [0.0, *[(i + 1) / len(xs) for i in range(len(xs))]], where="post",
+                    label=f"{name} (n={len(xs)})")
     ax.set_xlabel("end-to-end latency (s)")
-    ax.set_ylabel("CDF")
+    ax.set_ylabel("share of requests ≤ x")
+    ax.set_ylim(0, 1.02)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")

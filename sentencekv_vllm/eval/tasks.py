@@ -1,4 +1,6 @@
-"""Quality tasks generated locally from a seed (no downloads): NIAH, RULER-style tasks, a small QA set.
+"""Quality tasks generated locally from a seed (no downloads): NIAH, three synthetic tasks in the spirit of RULER's
+categories (multi-key needle, variable tracking, common-word extraction; our own generators and haystack, not
+RULER's, so their names do not say ``ruler``), and a small QA set.
 
 Each sample is ``{"task", "prompt", "answers", "meta"}``; a sample scores 1 when any expected answer string occurs
 in the model's output (RULER's string-match scoring), or the fraction found for multi-answer tasks.
@@ -53,7 +55,7 @@ def multikey_niah(tokenizer, ctx: int, seed: int, n_keys: int = 4) -> Sample:
         hay = _insert(hay, f"One of the special magic numbers for {k} is: {v}.", rng.random())
     target = rng.randrange(n_keys)
     q = f"What is the special magic number for {keys[target]}? Answer with the number only."
-    return {"task": "ruler_mk_niah", "prompt": _chat(tokenizer, f"{hay}\n\n{q}"), "answers": [values[target]],
+    return {"task": "multikey_niah", "prompt": _chat(tokenizer, f"{hay}\n\n{q}"), "answers": [values[target]],
             "meta": {"ctx": ctx, "seed": seed}}
 
 
@@ -66,7 +68,7 @@ def variable_tracking(tokenizer, ctx: int, seed: int, hops: int = 3) -> Sample:
     for i, sentence in enumerate(chain):
         hay = _insert(hay, sentence, (i + 1) / (len(chain) + 1))
     q = f"Which variables are assigned the value {value}? List all their names."
-    return {"task": "ruler_vt", "prompt": _chat(tokenizer, f"{hay}\n\n{q}"), "answers": names,
+    return {"task": "variable_tracking", "prompt": _chat(tokenizer, f"{hay}\n\n{q}"), "answers": names,
             "meta": {"ctx": ctx, "seed": seed, "multi": True}}
 
 
@@ -79,7 +81,7 @@ def common_words(tokenizer, ctx: int, seed: int, top: int = 3) -> Sample:
     rng.shuffle(words)
     listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
     q = f"Above is a numbered list of words. What are the {top} most common words in the list? Answer with the words."
-    return {"task": "ruler_cwe", "prompt": _chat(tokenizer, f"{listing}\n\n{q}"), "answers": frequent,
+    return {"task": "common_words", "prompt": _chat(tokenizer, f"{listing}\n\n{q}"), "answers": frequent,
             "meta": {"ctx": ctx, "seed": seed, "multi": True}}
 
 
@@ -93,7 +95,7 @@ def speaker_qa(tokenizer, ctx: int, seed: int) -> Sample:
         raise ValueError("no speaker lines in this haystack window")
     speaker, line = turns[rng.randrange(len(turns))]
     q = f'In the text above, which character says: "{line}"? Answer with the character name only.'
-    return {"task": "qa_speaker", "prompt": _chat(tokenizer, f"{hay}\n\n{q}"), "answers": [speaker.strip()],
+    return {"task": "speaker_qa", "prompt": _chat(tokenizer, f"{hay}\n\n{q}"), "answers": [speaker.strip()],
             "meta": {"ctx": ctx, "seed": seed}}
 
 
@@ -103,7 +105,11 @@ def score(sample: Sample, output: str) -> float:
     return sum(hits) / len(hits) if sample["meta"].get("multi") else float(any(hits))
 
 
-def ruler_and_qa(tokenizer, contexts: list[int], seeds: list[int]) -> list[Sample]:
+SYNTHETIC_TASKS = ("multikey_niah", "variable_tracking", "common_words")
+QA_TASKS = ("speaker_qa",)
+
+
+def synthetic_and_qa(tokenizer, contexts: list[int], seeds: list[int]) -> list[Sample]:
     samples = []
     for ctx in contexts:
         for seed in seeds:

@@ -1,4 +1,5 @@
-"""Issue #6: `sentencekv-eval all --quick` runs end to end against real servers and writes its report."""
+"""Issue #6 / #18: `sentencekv-eval all --quick` runs end to end against real servers and writes its report, the
+per-sample JSONL, greedy agreement with FULL and serving percentiles."""
 
 from __future__ import annotations
 
@@ -20,16 +21,27 @@ def test_quick_eval_writes_report(tmp_path: Path):
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     parts = results["parts"]
-    assert {"niah", "ruler", "qa", "ppl", "lengths", "lengths_t07", "serve-bench", "memory"} <= set(parts)
+    assert {"niah", "synthetic", "qa", "ppl", "lengths", "lengths_t07", "serve-bench", "memory"} <= set(parts)
     ppl = {p: rows[0]["ppl"] for p, rows in parts["ppl"]["per_policy"].items()}
     assert len(ppl) == 4 and max(ppl.values()) < 1.05 * min(ppl.values()), ppl   # exact prefill everywhere
-    for part in ("niah", "ruler"):
+    for part in ("niah", "synthetic"):
         assert set(parts[part]["summary"]) == {"full", "sentencekv", "streaming", "quest"}
         assert "negative_share" in parts[part]["summary"]["sentencekv"]
-    assert parts["serve-bench"]["per_policy"]["sentencekv"]["grid"][0]["tpot_s"] > 0
+        fidelity = parts[part]["summary"]["sentencekv"]["fidelity"]
+        assert fidelity and all(0 <= f["top1_match"] <= 1 and f["n"] > 0 for f in fidelity.values()), fidelity
+    assert not any(t.startswith("ruler") for t in parts["synthetic"]["summary"]["full"]["accuracy"])
+    point = parts["serve-bench"]["per_policy"]["sentencekv"]["grid"][0]
+    assert point["tpot_s"] > 0 and point["ttft_s_p50"] <= point["ttft_s_p99"] and point["itl_s_p90"] > 0
     memory = {row["engine"]: row for row in parts["memory"]["rows"]}
     assert 0 < memory["sentencekv hot=1"]["blocks_per_request"] < memory["full"]["blocks_per_request"]
+    servers = results["config"]["servers"]
+    assert servers["sentencekv"]["budget"] == 256 and servers["full"]["block_size"] > 0, servers
+    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {row["part"] for row in lines} >= {"niah", "synthetic", "qa", "lengths"}
+    assert all("output" in row and "policy" in row for row in lines)
     report = (out / "report.md").read_text()
     assert "Needle in a haystack" in report and "| sentencekv |" in report
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in report and "Q4_1 GGUF" in report
+    assert "top-1 match share" in report and "ITL p99" in report
     assert (out / "niah_heatmap.png").stat().st_size > 5000 and (out / "latency_cdf.png").exists()
     assert results["config"]["vllm"].startswith("0.32")

@@ -1,0 +1,93 @@
+"""Unit tests of the eval harness's pure parts (no server): metrics parsing, percentiles, greedy agreement."""
+
+from __future__ import annotations
+
+import math
+
+from sentencekv_vllm.eval import quality, serving
+from sentencekv_vllm.eval.engines import Endpoint, Engine, EngineSpec, token_id
+from tests.server import metric
+
+EXPOSITION = """# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="16",num_gpu_blocks="4096"} 1.0
+# HELP sentencekv_budget_tokens Server token budget
+# TYPE sentencekv_budget_tokens gauge
+sentencekv_budget_tokens 1024.0
+# HELP vllm:num_preemptions_total Preemptions
+# TYPE vllm:num_preemptions_total counter
+vllm:num_preemptions_total{engine="0",model_name="m"} 2.0
+vllm:num_preemptions_total{engine="1",model_name="m"} 3.0
+# HELP vllm:kv_cache_usage_perc usage
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} NaN
+"""
+
+
+def test_metric_sums_labelled_samples_and_skips_nan():
+    assert metric(EXPOSITION, "vllm:num_preemptions_total") == 5.0
+    assert metric(EXPOSITION, "vllm:kv_cache_usage_perc") == 0.0
+    assert metric(EXPOSITION, "absent") == 0.0
+    assert serving.sum_by_name(EXPOSITION)["vllm:num_preemptions_total"] == 5.0
+
+
+def test_server_info_reads_the_values_in_use():
+    class Fake:
+        url, v1 = "http://x", "http://x/v1"
+
+        def metrics(self) -> str:
+            return EXPOSITION
+
+    engine = Engine(Fake(), "sentencekv")
+    assert serving.server_info(engine) == {"block_size": 16, "num_gpu_blocks": 4096, "budget": 1024}
+    assert serving.num_device_blocks(engine) == 4096
+
+
+def test_percentiles_match_numpy_linear():
+    import numpy as np
+
+    vals = [0.3, 0.1, 0.7, 0.2, 0.9, 0.4]
+    got = serving.percentiles(vals, "x")
+    for p in serving.PERCENTILES:
+        assert math.isclose(got[f"x_p{p}"], float(np.percentile(vals, p)))
+    assert math.isnan(serving.percentiles([], "x")["x_p50"])
+
+
+def test_latency_stats_pool_inter_token_gaps():
+    rows = [{"ttft_s": 1.0, "tpot_s": 0.1, "itl_s": [0.1, 0.1]}, {"ttft_s": 2.0, "tpot_s": 0.3, "itl_s": [0.3]}]
+    stats = serving.latency_stats(rows)
+    assert stats["ttft_s"] == 1.5 and math.isclose(stats["itl_s"], 0.5 / 3) and stats["itl_s_p99"] > 0.29
+
+
+def test_greedy_agreement():
+    full = {"token_ids": [1, 2, 3, 4, 5], "logprobs": [-0.1, -0.2, -0.3, -0.4, -0.5]}
+    same = quality.agreement(full, dict(full))
+    assert same == {"prefix_tokens": 5, "prefix_share": 1.0, "top1_match": 1.0, "logprob_mae": 0.0}
+    other = {"token_ids": [1, 2, 9, 4], "logprobs": [-0.1, -0.3, -2.0, -0.4]}
+    got = quality.agreement(full, other)
+    assert got["prefix_tokens"] == 2 and got["prefix_share"] == 0.4 and got["top1_match"] == 0.6
+    assert math.isclose(got["logprob_mae"], 0.05)
+    assert quality.agreement({"text": "x"}, {"text": "y"}) is None
+
+
+def test_engine_client_is_built_once_and_xargs_select_policy():
+    engine = Engine(Endpoint("http://gpu-host:8000", "key", "meta-llama/Llama-3.1-8B-Instruct"), "streaming",
+                    budget=1024, stock_full=False)
+    assert engine.client is engine.client
+    assert engine.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert engine.xargs() == {"vllm_xargs": {"sentencekv_policy": "streaming", "sentencekv_budget": 1024}}
+    assert Engine(Endpoint("http://h"), "full", stock_full=False).xargs() == \
+        {"vllm_xargs": {"sentencekv_policy": "full"}}
+    assert Engine(Endpoint("http://h"), "full").xargs() is None
+    assert token_id("token_id:42") == 42 and token_id("abc") == "abc"
+
+
+def test_spec_compilation_and_server_args():
+    spec = EngineSpec(model="m", max_model_len=32768, enforce_eager=False, extra_args=["--block-size", "16"],
+                      skv_config={"offload": "host"})
+    args = spec.server_args("sentencekv")
+    assert "--enforce-eager" not in args and "32768" in args and "--block-size" in args
+    assert '"offload": "host"' in args[-1]
+    assert "--enforce-eager" in EngineSpec(model="m").server_args("full")
+    remote = EngineSpec(model="x", base_url="http://a:8000", full_base_url="http://b:8000", served_model="s")
+    assert remote.endpoint("full").url == "http://b:8000" and remote.endpoint("quest").url == "http://a:8000"
