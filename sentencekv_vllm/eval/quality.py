@@ -130,8 +130,10 @@ def niah_heatmap(results: dict[str, list[dict]], path: str) -> None:
         ax.set_xticks(range(len(ctxs)), [str(c) for c in ctxs])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context tokens")
-        ax.set_ylabel("needle depth")
+        if ax is axes[0][0]:
+            ax.set_ylabel("needle depth")
         ax.set_title(policy)
+    fig.subplots_adjust(wspace=0.25)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (share of samples correct)")
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -25,7 +25,10 @@ QUALITY_TITLES = {"niah": "Needle in a haystack", "ruler": "Synthetic tasks (old
 
 
 def _used(cfg: dict[str, Any], key: str, policies: list[str]) -> str:
-    """The values of ``key`` the servers reported (/metrics) for these policies, else the requested value."""
+    """The values of ``key`` the servers reported (/metrics) for these policies, else the requested value; a τ sent
+    per request (``--budget`` against a running server) overrides the server's own."""
+    if key == "budget" and cfg.get("base_url") and cfg.get("budget"):
+        return str(cfg["budget"])
     servers = cfg.get("servers") or {}
     seen = sorted({str(v[key]) for p, v in servers.items() if p in policies and v.get(key) is not None})
     if seen:
@@ -40,17 +43,22 @@ def header(cfg: dict[str, Any]) -> list[str]:
     if cfg.get("model_note"):
         model += f" ({cfg['model_note']}; served from `{cfg['model']}`)"
     sparse = [p for p in cfg.get("policies", []) if p != "full"]
-    where = (f"running server {cfg['base_url']}" + (f", FULL on {cfg['full_base_url']}" if cfg.get("full_base_url")
-                                                    else ", FULL = its sentencekv_policy full")
-             if cfg.get("base_url") else "servers started by the run")
     eager = {True: "eager", False: "compiled"}.get(cfg.get("enforce_eager", True), "eager")
+    if cfg.get("base_url"):
+        where = f"running server {cfg['base_url']}"
+        full = (f"FULL = the server at {cfg['full_base_url']}" if cfg.get("full_base_url")
+                else "FULL = the same server with `sentencekv_policy: full`")
+        machine = f"harness side: vLLM {cfg['vllm']}, {cfg['cpu']}"
+    else:
+        where = f"max_model_len {cfg.get('max_model_len', 8192)}, {eager}, servers started by the run"
+        full = "FULL = stock vLLM backend"
+        machine = f"vLLM {cfg['vllm']}, torch {cfg['torch']} ({cfg['threads']} threads, {cfg['cpu']})"
     return ["# SentenceKV evaluation report", "",
             f"Model {model}, budget τ = {_used(cfg, 'budget', sparse)} tokens, dtype {cfg['dtype']}, block size "
-            f"{_used(cfg, 'block_size', cfg.get('policies', []))}, max_model_len {cfg.get('max_model_len', 8192)}, "
-            f"{eager}, {where}; vLLM {cfg['vllm']}, torch {cfg['torch']} ({cfg['threads']} threads, {cfg['cpu']}), "
+            f"{_used(cfg, 'block_size', cfg.get('policies', []))}, {where}; {machine}, "
             f"{'quick' if cfg['quick'] else 'full'} mode, {cfg['date']}, wall {cfg.get('wall_s')} s.",
-            "FULL = stock vLLM backend; sentencekv / streaming / quest = the SENTENCEKV backend at the same budget.",
-            ""]
+            f"{full}; sentencekv / streaming / quest = the SENTENCEKV backend at the same budget, selected per "
+            "request (`vllm_xargs`).", ""]
 
 
 def render(results: dict[str, Any]) -> str:
@@ -66,8 +74,8 @@ def render(results: dict[str, Any]) -> str:
             if fid:
                 out += ["", "Greedy agreement with FULL (per task and context; says something even where the task "
                         "scores are 0 for every policy): tokens until the first differing token, its share of FULL's "
-                        "output, share of steps whose top-1 token matches FULL's (`logprobs=1`), mean |Δ logprob| of "
-                        "the chosen tokens while they agree.", "", fid]
+                        "output, share of steps whose top-1 token matches FULL's (`logprobs=1`), mean absolute "
+                        "Δ logprob of the chosen tokens while they agree.", "", fid]
             out.append("")
     if "ppl" in parts:
         rows = [[p, statistics.mean(r["ppl"] for r in v), sum(r["tokens"] for r in v)]
@@ -134,7 +142,7 @@ def fidelity_table(part: dict[str, Any]) -> str:
     if not rows:
         return ""
     return _table(["policy", "task", "ctx", "n", "tokens to 1st divergence", "share of FULL's output",
-                   "top-1 match share", "mean |Δ logprob| (agreeing prefix)"], rows)
+                   "top-1 match share", "mean abs Δ logprob (agreeing prefix)"], rows)
 
 
 def percentile_table(per_policy: dict[str, Any]) -> str:

@@ -214,7 +214,7 @@ def latency_cdf_plot(curves: dict[str, list[float]], path: str, title: str = "")
     for name, lat in curves.items():
         if lat:
             xs = sorted(lat)
-            ax.step([0.0, *xs], [0.0, *[(i + 1) / len(xs) for i in range(len(xs))]], where="post",
+            ax.step([xs[0], *xs], [0.0, *[(i + 1) / len(xs) for i in range(len(xs))]], where="post",
                     label=f"{name} (n={len(xs)})")
     ax.set_xlabel("end-to-end latency (s)")
     ax.set_ylabel("share of requests ≤ x")
