@@ -194,6 +194,10 @@ def run_eval(args: argparse.Namespace) -> int:
     run_quality_and_serving(spec, tokenizer, cfg, parts, policies, results, out)
     if "memory" in parts:
         results["parts"]["memory"] = memory_benchmark(spec, tokenizer, cfg)
+        serving.memory_plot(results["parts"]["memory"]["rows"], str(out / "memory.png"),
+                            title=f"τ = {cfg['memory_budget']}, block size 128, offload: host, "
+                                  f"{cfg['memory_requests']} requests sent at once")
+        results["parts"]["memory"]["plot"] = "memory.png"
     results["config"]["wall_s"] = round(time.time() - t0, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_samples(results, out / "samples.jsonl")
@@ -268,6 +272,9 @@ def run_quality_and_serving(spec: EngineSpec, tokenizer, cfg: dict, parts: list[
         serving.latency_cdf_plot({p: b["poisson_latencies"] for p, b in bench.items() if b["poisson_latencies"]},
                                  str(out / "latency_cdf.png"), title=title)
         results["parts"]["serve-bench"] = {"per_policy": bench, "plot": "latency_cdf.png"}
+        step_title = f"{cfg['bench_tokens']} output tokens per request, τ = {spec.budget or 'server'}"
+        if serving.step_time_plot(bench, str(out / "step_time.png"), title=step_title):
+            results["parts"]["serve-bench"]["step_plot"] = "step_time.png"
 
 
 def perplexity_texts(tokenizer, n: int, n_tokens: int) -> list[str]:

@@ -105,6 +105,8 @@ def render(results: dict[str, Any]) -> str:
                 "softmax; transfer s = host-tier copies; the rest of decode s (sum of per-request decode time) is "
                 "the model and, for dense rows, the stock kernel. Older results have only the combined sparse s.", "",
                 f"![latency CDF]({parts['serve-bench']['plot']})", ""]
+        if parts["serve-bench"].get("step_plot"):
+            out += [f"![step time vs context]({parts['serve-bench']['step_plot']})", ""]
     if "memory" in parts and not all("engine" in r for r in parts["memory"]["rows"]):
         out += ["## Device memory and concurrency", "", "(results.json from an older harness: re-run `memory`)", ""]
     elif "memory" in parts:
@@ -114,6 +116,8 @@ def render(results: dict[str, Any]) -> str:
                 "while one request decodes alone; max running: vLLM's running-requests gauge while all requests are "
                 "sent at once; hot = `hot_set_factor`.", "",
                 memory_table(parts["memory"]["rows"]), ""]
+        if parts["memory"].get("plot"):
+            out += [f"![memory and concurrency]({parts['memory']['plot']})", ""]
     return "\n".join(out) + "\n"
 
 

@@ -225,3 +225,59 @@ def latency_cdf_plot(curves: dict[str, list[float]], path: str, title: str = "")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+def step_time_plot(per_policy: dict[str, Any], path: str, title: str = "") -> bool:
+    """Decode step time (TPOT p50, ms) against context length, one line per policy and batch size: how the cost of a
+    token grows with the context each policy attends to. False when the grid has a single context (nothing drawn)."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for policy, b in per_policy.items():
+        for p in b["grid"]:
+            value = p.get("tpot_s_p50", p["tpot_s"])
+            if value == value:
+                lines.setdefault(f"{policy} batch {p['batch']}", []).append((p["ctx"], value * 1000))
+    if not any(len({c for c, _ in pts}) > 1 for pts in lines.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, pts in lines.items():
+        pts.sort()
+        ax.plot([c for c, _ in pts], [v for _, v in pts], marker="o", label=name)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TPOT p50 (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def memory_plot(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """Device blocks per request and max concurrent requests per engine and prompt length (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctxs = sorted({r["ctx"] for r in rows})
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    width = 0.8 / max(1, len(engines))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for panel, (key, label) in zip(axes, (("blocks_per_request", "device KV blocks per request"),
+                                          ("peak_running", "max running requests (fixed pool)")), strict=True):
+        for i, engine in enumerate(engines):
+            values = [next((r[key] for r in rows if r["ctx"] == c and r["engine"] == engine), 0) for c in ctxs]
+            bars = panel.bar([x + i * width for x in range(len(ctxs))], values, width, label=engine)
+            panel.bar_label(bars, fmt="%.1f", fontsize=7)
+        panel.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(ctxs))], [str(c) for c in ctxs])
+        panel.set_xlabel("prompt tokens")
+        panel.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
