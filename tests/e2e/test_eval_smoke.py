@@ -44,4 +44,5 @@ def test_quick_eval_writes_report(tmp_path: Path):
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in report and "Q4_1 GGUF" in report
     assert "top-1 match share" in report and "ITL p99" in report
     assert (out / "niah_heatmap.png").stat().st_size > 5000 and (out / "latency_cdf.png").exists()
+    assert (out / "memory.png").exists() and "![memory and concurrency]" in report
     assert results["config"]["vllm"].startswith("0.32")
