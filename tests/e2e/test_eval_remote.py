@@ -23,7 +23,7 @@ SMALL = ["--quick", "--limit", "1", "--contexts", "600", "--depths", "0.5", "--t
 def test_eval_against_a_running_server(tmp_path: Path, model_path: str):
     skv = ["--attention-backend", "sentencekv", "--additional-config", '{"sentencekv": {"budget": 192}}']
     with vllm_server(model_path, "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "4096",
-                     "--served-model-name", "served-skv", "--block-size", "64", "--api-key", "secret", *skv,
+                     "--served-model-name", "served-skv", "--block-size", "32", "--api-key", "secret", *skv,
                      metrics=True) as srv:
         out = tmp_path / "remote"
         exe = Path(sys.executable).parent / "sentencekv-eval"
@@ -34,9 +34,9 @@ def test_eval_against_a_running_server(tmp_path: Path, model_path: str):
     results = json.loads((out / "results.json").read_text())
     assert "memory" not in results["parts"] and "memory" not in results["config"]["parts"]
     servers = results["config"]["servers"]
-    assert servers["sentencekv"]["budget"] == 192 and servers["sentencekv"]["block_size"] == 64, servers
+    assert servers["sentencekv"]["budget"] == 192 and servers["sentencekv"]["block_size"] == 32, servers
     assert results["config"]["budget"] is None          # the server's own τ, not the harness default
     assert results["parts"]["niah"]["summary"]["sentencekv"]["fidelity"]        # token ids came back
     report = (out / "report.md").read_text()
-    assert "τ = 192 tokens" in report and "block size 64" in report and "`served-skv`" in report, report[:600]
+    assert "τ = 192 tokens" in report and "block size 32" in report and "`served-skv`" in report, report[:600]
     assert (out / "samples.jsonl").read_text().count("\n") >= 3
