@@ -127,6 +127,15 @@ def score_quest(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
     return bound.transpose(1, 2).masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
 
 
+SCORERS: dict[str, ScoreFn] = {"sentencekv": score_sentencekv, "quest": score_quest}
+
+
+def unit_scores(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None) -> torch.Tensor:
+    """``[R, Hk, S]`` scores of a scoring policy (``-inf`` = the unit may not be taken by that head)."""
+    assert query is not None and feats is not None, f"policy {policy!r} scores units with the query"
+    return SCORERS[policy](query, feats)
+
+
 def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
            batch: SelectionBatch, details: dict | None = None) -> torch.Tensor:
     """Token mask ``[R, Hk, T]`` for one layer.
@@ -176,9 +185,7 @@ def allowed_tokens(policy: str, query: torch.Tensor | None, feats: UnitFeatures 
     if policy == "streaming":
         return SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.budget, batch.sinks,
                               batch.budget - batch.sinks), none
-    assert query is not None and feats is not None
-    score_fn: ScoreFn = {"sentencekv": score_sentencekv, "quest": score_quest}[policy]
-    scores = score_fn(query, feats)
+    scores = unit_scores(policy, query, feats)
     _, lengths = batch.clipped()
     scores = scores.masked_fill((lengths == 0)[:, None, :], NEG_INF)
     room = (batch.budget - batch.sinks - batch.recent).clamp(min=0)

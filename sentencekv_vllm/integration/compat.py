@@ -77,14 +77,16 @@ def on_requests_preempted(runner: Any, callback: Callable[[str], None]) -> None:
     runner._update_states = update_states
 
 
-def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor,
-                           query_start_loc: torch.Tensor) -> torch.Tensor:
-    """CPU attention work partition for a (sub-)batch; must be rebuilt whenever ``seq_lens`` change."""
+def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                           heads: tuple[int, int] | None = None) -> torch.Tensor:
+    """CPU attention work partition for a (sub-)batch; must be rebuilt whenever ``seq_lens`` change.
+    ``heads`` = (query heads, KV heads) per sequence when they differ from the layer's (the head-split view)."""
     from vllm import _custom_ops as ops
     from vllm import envs
 
+    num_heads, num_kv_heads = heads or (builder.num_heads, builder.num_kv_heads)
     return ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=num_reqs, num_heads=builder.num_heads, num_kv_heads=builder.num_kv_heads,
+        num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=builder.head_dim, seq_lens=seq_lens, dtype=builder.dtype, query_start_loc=query_start_loc,
         causal=True, sliding_window_size=builder.window_size, isa=builder.isa,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=builder.kv_cache_dtype)
@@ -117,3 +119,9 @@ def install_request_validator(validate: Callable[[dict[str, Any]], None]) -> Non
     verify_extra_args._sentencekv = True  # type: ignore[attr-defined]
     SamplingParams._verify_extra_args = verify_extra_args
 
+
+def model_dims(vllm_config: Any) -> tuple[int, int, int, int]:
+    """(layers, KV heads, query heads, head dim) per worker, from the model config: one source for every backend
+    (the CPU and FlashAttention builders name these attributes differently)."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    return (mc.get_num_layers(pc), mc.get_num_kv_heads(pc), mc.get_num_attention_heads(pc), mc.get_head_size())

@@ -29,9 +29,15 @@ class SentenceKVCPUBackend(SentenceKVBackendMixin, CPUAttentionBackend):
 
 
 class SentenceKVCPUBuilder(SentenceKVBuilderMixin, CPUAttentionMetadataBuilder):
-    def subset_fields(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> dict:
+    # CPU_ATTN keeps each (block, KV head) contiguous ([blocks, Hk, block, 2*D]), so [blocks * Hk, 1, block, 2*D]
+    # is a valid cache of one KV head per sequence
+    supports_paged_sparse = True
+
+    def subset_fields(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      heads: tuple[int, int] | None = None) -> dict:
         # the CPU kernel's work partition depends on seq_lens: reusing the batch's gives wrong attention silently
-        return {"scheduler_metadata": cpu_scheduler_metadata(self, len(seq_lens), seq_lens, query_start_loc)}
+        return {"scheduler_metadata": cpu_scheduler_metadata(self, len(seq_lens), seq_lens, query_start_loc,
+                                                             heads)}
 
 
 class SentenceKVCPUImpl(SentenceKVImplMixin, CPUAttentionBackendImpl):

@@ -15,7 +15,8 @@ import torch
 
 from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
-from sentencekv_vllm.core.selection import UnitFeatures, group_mean_query, select_positions
+from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, select_blocks
+from sentencekv_vllm.core.selection import UnitFeatures, select_positions, unit_scores
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import BlockLayout
@@ -70,14 +71,20 @@ class SentenceKVBuilderMixin:
     def prefix_len(self, common_prefix_len: int) -> int:
         return common_prefix_len
 
+    #: the stock kernel can read a head-split view of the cache (``[blocks * Hk, 1, block, ...]``), so a sparse
+    #: group can attend its selected blocks in place (``attention: paged``)
+    supports_paged_sparse = False
+
     def subset_metadata(self, base, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                        block_table: torch.Tensor, num_tokens: int):
-        """Stock metadata for a sub-batch of rows (work partitions must be rebuilt for new ``seq_lens``)."""
+                        block_table: torch.Tensor, num_tokens: int, heads: tuple[int, int] | None = None):
+        """Stock metadata for a sub-batch of rows (work partitions must be rebuilt for new ``seq_lens``);
+        ``heads`` = (query, KV) heads per sequence for the head-split view."""
+        extra = {"heads": heads} if heads else {}
         return dataclasses.replace(
             base, num_actual_tokens=num_tokens, query_start_loc=query_start_loc, seq_lens=seq_lens,
             block_table=block_table, max_seq_len=int(seq_lens.max()),
             max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
-            **self.subset_fields(query_start_loc, seq_lens))
+            **self.subset_fields(query_start_loc, seq_lens, **extra))
 
     def subset_fields(self, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> dict:
         raise NotImplementedError
@@ -110,7 +117,8 @@ class SentenceKVImplMixin:
             self._dense(layer, query, key, value, kv_cache, output, plan.dense)
         counts: list[int] = []
         for group in plan.sparse:
-            counts += self._sparse(store, lyr, layer, query, kv_cache, output, group)
+            sparse = self._sparse_paged if group.paged is not None else self._sparse
+            counts += sparse(store, lyr, layer, query, kv_cache, output, group)
         metrics.observe_attended(counts)
         return output
 
@@ -127,7 +135,8 @@ class SentenceKVImplMixin:
             else:
                 store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots] / book.close_count[:, None, None]
             store.valid[lyr, book.close_units] = True
-        q = query[book.tok].float()
+        r = len(book.tok)
+        q = query[book.tok].float().view(r, self.num_kv_heads, -1, self.head_size).sum(2)   # group sums
         k = key[book.tok].float()
         keep = (~book.reset).float()[:, None, None]
         store.qsum[lyr, book.slot] = store.qsum[lyr, book.slot] * keep + q
@@ -168,17 +177,56 @@ class SentenceKVImplMixin:
         super().forward(layer, q, key[dense.tok], value[dense.tok], kv_cache, dense.metadata, out)
         output[dense.tok] = out
 
+    def _unit_features(self, store: UnitStore, lyr: int, g: SparseGroup) -> tuple[torch.Tensor, UnitFeatures]:
+        """Selection query (mean query of the open sentence over each KV head's query group) and unit features."""
+        group = self.num_heads // self.num_kv_heads
+        q_sel = store.qsum[lyr, g.slot] / (g.q_count * group)[:, None, None]
+        valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
+        feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
+                             store.feat_b[lyr, g.unit_slots] if store.quest else None)
+        return q_sel, feats
+
+    def _sparse_paged(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
+        """Score sentences, take the blocks that hold the best ones (``core/blocks.py``), and let the stock kernel
+        read them in place through the head-split view of the cache: no gather, no copy.
+
+        The query sum is not divided by the sentence length: a positive per-row factor does not change which
+        blocks a row takes. Padding units need no mask: they map to the padding column.
+        """
+        t0 = time.perf_counter()
+        paged = g.paged
+        blocks = paged.blocks
+        if blocks is None:
+            feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], store.valid[lyr, g.unit_slots],
+                                 store.feat_b[lyr, g.unit_slots] if store.quest else None)
+            scores = unit_scores(g.policy, store.qsum[lyr, g.slot], feats)
+            blocks = select_blocks(block_scores(scores, paged.plan), paged.plan)
+        tables = paged.tables
+        t1 = time.perf_counter()
+        if g.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks
+            r = blocks.shape[0]
+            resident, _ = self._make_resident(lyr, g, blocks.reshape(r, -1), (blocks != paged.plan.trash).view(r, -1))
+            tables = head_split_tables(resident, self.num_kv_heads, paged.plan.trash)
+        paged.metadata.block_table = physical_tables(blocks, tables)
+        t2 = time.perf_counter()
+        n, hk, bs, width = kv_cache.shape
+        rows = g.rows if g.rows is not None else g.tok
+        q = query[rows].reshape(-1, self.num_heads // hk, self.head_size)    # q is a strided view of qkv
+        in_place = g.rows is not None and output[rows].is_contiguous()
+        out = output[rows].view(q.shape) if in_place else torch.empty_like(q)
+        super().forward(layer, q, None, None, kv_cache.view(n * hk, 1, bs, width), paged.metadata, out)
+        if not in_place:
+            output[g.tok] = out.view(-1, self.num_heads, self.head_size)
+        metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t2, transfer=t2 - t1)
+        return paged.plan.seq_lens.tolist() if lyr == 0 else []
+
     def _sparse(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
         """Select per KV head, gather the selected K/V from the paged cache, exact softmax over them."""
         t0 = time.perf_counter()
         feats = None
         q_sel = None
         if g.policy in ("sentencekv", "quest"):
-            q_mean = store.qsum[lyr, g.slot] / g.q_count[:, None, None]
-            q_sel = group_mean_query(q_mean, self.num_kv_heads)
-            valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
-            feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
-                                 store.feat_b[lyr, g.unit_slots] if store.quest else None)
+            q_sel, feats = self._unit_features(store, lyr, g)
         details: dict | None = {} if g.traced else None
         pos, ok = select_positions(g.policy, q_sel, feats, g.batch, g.width, details)
         if pos.shape[1] != self.num_kv_heads:
@@ -227,8 +275,14 @@ class SentenceKVImplMixin:
         """Swap this layer's selected host blocks into each request's hot set (``hotset.py``); returns the block
         table and host-slot table the gather then uses (hot blocks read from the device, the rest from the host)."""
         r = pos.shape[0]
-        logical = (pos // layout.block_size).view(r, -1)
-        on_host = ok.view(r, -1) & (g.host_slots.gather(1, logical) >= 0)
+        # reshape: single-head policies expand pos over heads
+        return self._make_resident(lyr, g, (pos // layout.block_size).reshape(r, -1), ok.reshape(r, -1))
+
+    def _make_resident(self, lyr: int, g: SparseGroup, logical: torch.Tensor, valid: torch.Tensor):
+        """Per request, the selected host-tier blocks (``logical`` ``[R, N]`` where ``valid``), most-selected first,
+        go through the request's hot set; returns (block table, host-slot table) with resident blocks remapped."""
+        logical = logical.masked_fill(~valid, 0)
+        on_host = valid & (g.host_slots.gather(1, logical) >= 0)
         block_table, host_slots = g.block_table.long().clone(), g.host_slots.clone()
         hits = misses = loaded = 0
         for j, req in enumerate(g.reqs):
@@ -251,7 +305,7 @@ class SentenceKVImplMixin:
     def _swap_in(self, layout: BlockLayout, lyr: int, host_table, pos, ok, k, v):
         """Selected tokens whose blocks are on the host and not in the hot set are read token-wise from the host."""
         r, hk, w = pos.shape
-        slots = host_table.gather(1, (pos // layout.block_size).view(r, -1)).view(r, hk, w)
+        slots = host_table.gather(1, (pos // layout.block_size).reshape(r, -1)).view(r, hk, w)
         on_host = (slots >= 0) & ok
         if not bool(on_host.any()):
             metrics.observe_swap_in(0, int(ok.sum()), lyr)

@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 
+from sentencekv_vllm.config import PAGED_MIN_BLOCKS
+from sentencekv_vllm.core.blocks import BlockPlan, head_split_tables, plan_blocks, recency_scores, select_blocks
 from sentencekv_vllm.core.segmentation import spans_from_ends
 from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch
 from sentencekv_vllm.integration import metrics
-from sentencekv_vllm.integration.compat import RowInfo, runner_rows
+from sentencekv_vllm.integration.compat import RowInfo, model_dims, runner_rows
 from sentencekv_vllm.integration.state import STATE, RequestState, new_stream
 
 
@@ -51,6 +53,16 @@ class DecodeBook:
 
 
 @dataclass
+class PagedGroup:
+    """Block-granular attention of a sparse group (``core/blocks.py``) on the stock paged kernel."""
+
+    plan: BlockPlan
+    tables: torch.Tensor                # [R, Hk, NB+1] head-split block id of each logical block
+    metadata: Any                       # stock metadata of the head-split batch (block table set per layer)
+    blocks: torch.Tensor | None = None  # [R, Hk, W] logical blocks when they do not depend on the layer (streaming)
+
+
+@dataclass
 class SparseGroup:
     policy: str
     tok: torch.Tensor          # [Rs]
@@ -65,6 +77,8 @@ class SparseGroup:
     reqs: list[RequestState] = field(default_factory=list)                     # request of each row
     traced: list[tuple[int, RequestState, int]] = field(default_factory=list)  # (row, request, units) to trace
     trace_acc: tuple[torch.Tensor, ...] | None = None   # [Rs, S] hits, scores, attention mass (trace mode)
+    paged: PagedGroup | None = None     # set when the group attends whole blocks (``attention`` config)
+    rows: slice | None = None           # ``tok`` as a slice when contiguous (views instead of copies)
 
 
 @dataclass
@@ -92,7 +106,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     t0 = time.perf_counter()
     STATE.step += 1
     num_reqs = cm.num_reqs
-    STATE.ensure_store(_num_layers(), builder.num_kv_heads, builder.num_heads, builder.head_dim, cm.seq_lens.device)
+    STATE.ensure_store(*model_dims(STATE.vllm_config), cm.seq_lens.device)
     qsl = cm.query_start_loc_cpu.tolist()
     seq_lens = cm.seq_lens.cpu().tolist()
     plan = StepPlan()
@@ -118,16 +132,11 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
             dense_rows.append(i)
     plan.book = _book_tensors(book) if book["tok"] else None
     if sparse_rows:
-        plan.sparse = [_sparse_group(p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
+        plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
         plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
     plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
     metrics.observe_step(plan)
     return plan
-
-
-def _num_layers() -> int:
-    mc = STATE.vllm_config.model_config
-    return mc.get_num_layers(STATE.vllm_config.parallel_config)
 
 
 def _request_for(row: RowInfo, ctx: int) -> RequestState:
@@ -175,24 +184,39 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
 
 
 def _plan_decode(book: dict[str, list], req: RequestState, row: RowInfo, q0: int, total: int) -> int:
-    """Feed the current token to the segmenter; returns the number of closed units after this step."""
+    """Feed the generated tokens the segmenter has not seen yet; returns the number of closed units after this step.
+
+    The stream catches up from its own position, so a decode row that skipped this path (a multi-token row, a
+    step before the index existed) cannot desynchronise it. Under async scheduling the newest sampled token is
+    still a placeholder (``-1``) in the runner's token row; it is fed at the next step, so a sentence may close
+    one step late (its centroid then holds that token too).
+    """
     pos = total - 1
-    ends = req.stream.push(int(row.token_ids[pos]))
-    if ends:
-        end = ends[-1]
-        assert end == pos, f"sentence end {end} must be the current position {pos}"
+    for end in _feed(req, row.token_ids, pos):
         unit = STATE.store.alloc_units(1)[0]
         if req.trace is not None:
             req.trace.close(req.open_start, end, req.cfg.budget, req.trace_pairs)
         book["close_rows"].append(len(book["tok"]))
         book["close_units"].append(unit)
-        book["close_count"].append(float(end - req.open_start))
+        book["close_count"].append(float(max(1, end - req.open_start)))
         req.add_units([(req.open_start, end)], [unit])
         req.open_start = end
     book["tok"].append(q0)
     book["slot"].append(req.slot)
     book["reset"].append(pos == req.open_start)
     return len(req.units)
+
+
+def _feed(req: RequestState, token_ids: Any, pos: int) -> list[int]:
+    """Sentence ends decided by the known tokens up to ``pos`` (stops at the first placeholder)."""
+    ends: list[int] = []
+    stream = req.stream
+    while stream.n <= pos:
+        token = int(token_ids[stream.n])
+        if token < 0:
+            break
+        ends += [e for e in stream.push(token) if e > req.open_start]
+    return ends
 
 
 def _book_tensors(book: dict[str, list]) -> DecodeBook:
@@ -205,8 +229,8 @@ def _book_tensors(book: dict[str, list]) -> DecodeBook:
         close_count=torch.tensor(book["close_count"], device=dev, dtype=torch.float32))
 
 
-def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], seq_lens: list[int],
-                  cm: Any) -> SparseGroup:
+def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, RequestState, int, int]],
+                  seq_lens: list[int], cm: Any) -> SparseGroup:
     dev = STATE.store.device
     n_units = max(1, max(n for *_, n in rows))
     r = len(rows)
@@ -218,27 +242,85 @@ def _sparse_group(policy: str, rows: list[tuple[int, RequestState, int, int]], s
         s, e, u = req.unit_tensors()
         starts[j, :n], ends[j, :n], slots[j, :n], valid[j, :n] = s, e, u, True
     idx = [i for i, *_ in rows]
+    reqs = [req for _, req, *_ in rows]
     totals = torch.tensor([seq_lens[i] for i in idx])
-    budgets = torch.tensor([req.cfg.budget for _, req, *_ in rows])
-    open_starts = torch.tensor([req.open_start for _, req, *_ in rows])
-    host_slots = None
-    if any(req.host_map for _, req, *_ in rows):
-        host_slots = torch.full((r, cm.block_table_tensor.shape[1]), -1, dtype=torch.long)
-        for j, (_, req, *_) in enumerate(rows):
-            if req.host_map:
-                logical = torch.tensor(list(req.host_map.keys()))
-                host_slots[j, logical] = torch.tensor(list(req.host_map.values()))
+    budgets = torch.tensor([req.cfg.budget for req in reqs])
     cfg = STATE.cfg
+    tail = _tail_lengths(reqs, totals, budgets)
+    host_slots = _host_slots(reqs, cm.block_table_tensor.shape[1])
     batch = SelectionBatch.make(starts.to(dev), ends.to(dev), totals.to(dev), budgets.to(dev), cfg.sinks,
-                                cfg.recent)
-    return SparseGroup(
+                                tail.to(dev))
+    traced = [(j, req, n) for j, (_, req, _, n) in enumerate(rows) if req.trace is not None]
+    group = SparseGroup(
         policy=policy, tok=torch.tensor([q0 for _, _, q0, _ in rows], device=dev),
-        slot=torch.tensor([req.slot for _, req, *_ in rows], device=dev),
-        q_count=(totals - open_starts).float().to(dev), batch=batch, unit_slots=slots.to(dev),
-        unit_valid=valid.to(dev), block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
+        slot=torch.tensor([req.slot for req in reqs], device=dev),
+        q_count=(totals - torch.tensor([req.open_start for req in reqs])).clamp(min=1).float().to(dev),
+        batch=batch, unit_slots=slots.to(dev), unit_valid=valid.to(dev),
+        block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
         width=int(min(budgets.max(), totals.max())),
-        host_slots=None if host_slots is None else host_slots.to(dev), reqs=[req for _, req, *_ in rows],
-        traced=[(j, req, n) for j, (_, req, _, n) in enumerate(rows) if req.trace is not None])
+        host_slots=None if host_slots is None else host_slots.to(dev), reqs=reqs, traced=traced)
+    if _paged(builder, budgets, traced):
+        group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
+        if host_slots is not None and not _hot_sets_hold(group.paged.plan, reqs):
+            group.paged = None
+        toks = [q0 for _, _, q0, _ in rows]
+        if toks == list(range(toks[0], toks[0] + r)):
+            group.rows = slice(toks[0], toks[0] + r)
+    return group
+
+
+def _tail_lengths(reqs: list[RequestState], totals: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """Always-attended tokens at the end of each row: the recent window, or the whole open (generated, not yet
+    closed) sentence when it is longer, since only closed sentences can be selected; capped by the budget."""
+    cfg = STATE.cfg
+    open_len = totals - torch.tensor([req.open_start for req in reqs])
+    return torch.minimum(open_len.clamp(min=cfg.recent), budgets - cfg.sinks)
+
+
+def _host_slots(reqs: list[RequestState], max_blocks: int) -> torch.Tensor | None:
+    """``[R, max_blocks]`` host slot of each logical block (-1 = on the device), or None without a host tier."""
+    if not any(req.host_map for req in reqs):
+        return None
+    host_slots = torch.full((len(reqs), max_blocks), -1, dtype=torch.long)
+    for j, req in enumerate(reqs):
+        if req.host_map:
+            host_slots[j, torch.tensor(list(req.host_map.keys()))] = torch.tensor(list(req.host_map.values()))
+    return host_slots
+
+
+def _paged(builder: Any, budgets: torch.Tensor, traced: list) -> bool:
+    """Whether the group attends whole blocks with the stock kernel (``attention`` in the config; see README).
+    Traced rows take the exact path (the trace reports attention mass per token)."""
+    mode = STATE.cfg.attention
+    if mode == "exact" or not getattr(builder, "supports_paged_sparse", False) or traced:
+        return False
+    block_size = STATE.vllm_config.cache_config.block_size
+    return mode == "paged" or int(budgets.min()) >= PAGED_MIN_BLOCKS * block_size
+
+
+def _hot_sets_hold(plan: BlockPlan, reqs: list[RequestState]) -> bool:
+    """With the host tier, every selected block must be on the device for the stock kernel: each request's hot
+    set must hold all of its selected blocks but the sink blocks and the last one (never spilled)."""
+    sinks = -(-STATE.cfg.sinks // STATE.vllm_config.cache_config.block_size)
+    for req, k in zip(reqs, plan.num_blocks.tolist(), strict=True):
+        if req.host_map and (req.hot is None or len(req.hot) < k - sinks - 1):
+            return False
+    return True
+
+
+def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: torch.Tensor) -> PagedGroup:
+    """Block plan, and the stock metadata of the head-split batch: each (row, KV head) one sequence of
+    ``Hq / Hk`` query heads over its selected blocks (same token count for every head and layer)."""
+    b = g.batch
+    block_size = STATE.vllm_config.cache_config.block_size
+    plan = plan_blocks(b.starts, b.ends, g.unit_valid, b.seq_lens, b.budget, STATE.cfg.sinks, b.seq_lens - tail,
+                       block_size)
+    _, hk, hq, _ = STATE.store.dims
+    seq = plan.seq_lens.repeat_interleave(hk).to(torch.int32)
+    qsl = torch.arange(len(seq) + 1, dtype=torch.int32, device=seq.device)
+    md = builder.subset_metadata(base, qsl, seq, g.block_table, len(seq), heads=(hq // hk, 1))
+    blocks = select_blocks(recency_scores(plan, hk), plan) if policy == "streaming" else None
+    return PagedGroup(plan, head_split_tables(g.block_table, hk, plan.trash), md, blocks)
 
 
 def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:

@@ -162,10 +162,9 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
     keep_attention_out_of_cuda_graphs(vllm_config)
     if cfg.offload == "host":
         _install_connector(vllm_config)
-    if cfg.trace_requests > 0:
-        from sentencekv_vllm.integration.trace import trace_dir
+    from sentencekv_vllm.integration.trace import trace_dir
 
-        trace_dir()     # creates $SENTENCEKV_TRACE_DIR here, before the engine processes are spawned
+    trace_dir(cfg.trace_dir)    # an operator's trace directory (if any) is created here, failing early if bad
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _STOCK_WORKERS:
         parallel.worker_cls = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER

@@ -5,7 +5,8 @@ Layout of the pools (``L`` layers, ``Hk``/``Hq`` KV/query heads, ``D`` head dim)
 * unit pool, ``[L, P, Hk, D]``: one row per sentence (or Quest page) of every live request. ``feat_a`` holds the
   centroid (Quest: min key), ``feat_b`` the Quest max key, ``valid`` ``[L, P, Hk]`` whether a head may select it.
   A request owns a list of unit slots, like a block table; slots return to a free list on finish/abort.
-* running sums, ``[L, max_num_seqs, H, D]``: per request slot, the sum of the open sentence's queries (decode
+* running sums, ``[L, max_num_seqs, Hk, D]``: per request slot, the sum of the open sentence's queries (over each
+  KV head's query group; decode
   query) and keys (its centroid once it closes).
 
 Centroids are a side pool rather than KV blocks: they are tiny (``S x Hk x D`` per layer), need float32 and are
@@ -78,7 +79,8 @@ class UnitStore:
         self.feat_a = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, head_dim, **f32)
         self.feat_b = torch.zeros_like(self.feat_a) if quest else None
         self.valid = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, dtype=torch.bool, device=device)
-        self.qsum = torch.zeros(num_layers, max_reqs, num_heads, head_dim, **f32)
+        # summed over each KV head's query group too: selection scores a KV head with its group's mean query
+        self.qsum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
         self.ksum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
         self.kmax = torch.zeros_like(self.ksum) if quest else None   # quest: ksum holds the running min
         self.free_units = list(range(_INITIAL_UNITS - 1, -1, -1))

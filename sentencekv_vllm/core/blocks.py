@@ -1,0 +1,145 @@
+"""Block-granular selection: the best sentences, expressed as the paged-cache blocks that hold them.
+
+The exact path (``selection.select_positions``) attends precisely the chosen tokens, which forces a gather of
+every selected token's K/V per layer. The paged path keeps the sentence as the unit of choice but attends whole
+cache blocks, so the stock paged kernel reads them in place (no copy): a block's score is the best score of the
+sentences that overlap it, sink and tail blocks are always in, and the top ``budget // block_size`` blocks per
+(request, KV head) are attended. Sentences are contiguous, so taking blocks by that score is the same as taking
+sentences in score order and adding the blocks each one touches, with the budget counted in blocks.
+
+Everything here is pure torch and batched over ``R`` rows; the per-step part (:func:`plan_blocks`) runs once per
+engine step, the per-layer part (:func:`select_blocks`) is a handful of ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FIXED = 1e30       # score of sink / tail blocks: above any unit score
+UNCOVERED = -1e38  # a block no valid unit overlaps: taken only if the budget has room left
+NEG_INF = float("-inf")
+
+
+@dataclass
+class BlockPlan:
+    """Per-step block-selection inputs of one group of ``R`` decode rows (``NB`` = most blocks of any row).
+
+    unit_block: ``[R, S*K]`` block of each (unit, k-th block it touches); padding units point at column ``NB``.
+    spread: ``K``, most blocks one unit touches.
+    base: ``[R, NB+1]`` score of a block before units are scored (``UNCOVERED`` in range, ``-inf`` beyond).
+    fixed: ``[R, NB+1]`` bool, sink and tail blocks (always attended).
+    pinned: ``[R, NB+1]`` bool, fixed blocks and the padding column; pin_value: their score (``FIXED`` / ``-inf``).
+    drop: ``[R, 1, kmax]`` bool, top-k slots beyond the row's own block budget (None when every row uses kmax).
+    num_blocks: ``[R]`` blocks attended per row and KV head; seq_lens: ``[R]`` tokens they hold.
+    """
+
+    unit_block: torch.Tensor
+    spread: int
+    base: torch.Tensor
+    fixed: torch.Tensor
+    pinned: torch.Tensor
+    pin_value: torch.Tensor
+    drop: torch.Tensor | None
+    num_blocks: torch.Tensor
+    seq_lens: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return int(self.num_blocks.max())
+
+    @property
+    def trash(self) -> int:
+        """Column index used for padding; maps to no real block."""
+        return self.base.shape[1] - 1
+
+
+def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tensor, seq_lens: torch.Tensor,
+                budget: torch.Tensor, sinks: int, tail_start: torch.Tensor, block_size: int) -> BlockPlan:
+    """Per-step block plan.
+
+    starts / ends / unit_valid: ``[R, S]`` unit spans (padding invalid); seq_lens ``[R]`` context incl. the current
+    token; budget ``[R]`` tokens; tail_start ``[R]`` first always-attended token at the end (the recent window,
+    or the open sentence's start when that is earlier). The tail is cut so that sinks + tail fit the budget.
+    """
+    r = seq_lens.shape[0]
+    dev = seq_lens.device
+    bs = block_size
+    nb = (seq_lens + bs - 1) // bs
+    k = torch.minimum(nb, (budget // bs).clamp(min=1))
+    n_sink = torch.minimum(torch.full_like(k, -(-sinks // bs)), k - 1)
+    tail_first = torch.maximum(tail_start.clamp(min=0) // bs, nb - (k - n_sink))
+    width = int(nb.max())
+    cols = torch.arange(width + 1, device=dev)[None, :]
+    in_range = cols < nb[:, None]
+    fixed = in_range & ((cols < n_sink[:, None]) | (cols >= tail_first[:, None]))
+    base = torch.where(in_range, torch.tensor(UNCOVERED, device=dev), torch.tensor(NEG_INF, device=dev))
+    first = starts.clamp(min=0) // bs
+    last = torch.maximum((ends - 1).clamp(min=0) // bs, first)
+    spread = int((last - first + 1)[unit_valid].max()) if bool(unit_valid.any()) else 1
+    offs = torch.arange(spread, device=dev)
+    unit_block = torch.minimum(first[..., None] + offs, last[..., None])
+    unit_block = torch.where(unit_valid[..., None], unit_block, torch.full_like(unit_block, width))
+    kmax = int(k.max())
+    drop = (torch.arange(kmax, device=dev)[None, :] >= k[:, None])[:, None, :] if bool((k < kmax).any()) else None
+    fill = seq_lens - (nb - 1) * bs
+    pinned = fixed | (cols == width)
+    pin_value = torch.where(fixed, torch.tensor(FIXED, device=dev), torch.tensor(NEG_INF, device=dev))
+    return BlockPlan(unit_block.reshape(r, -1), spread, base, fixed, pinned, pin_value, drop, k,
+                     (k - 1) * bs + fill)
+
+
+def block_scores(unit_scores: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """``[R, Hk, S]`` unit scores (``-inf`` = never) -> ``[R, Hk, NB+1]`` block scores (max over overlapping units;
+    sink and tail blocks ``FIXED``)."""
+    r, hk, s = unit_scores.shape
+    spread = unit_scores[..., None].expand(r, hk, s, plan.spread).reshape(r, hk, -1)
+    scores = plan.base[:, None, :].expand(r, hk, -1).clone()
+    scores.scatter_reduce_(2, plan.unit_block[:, None, :].expand(r, hk, -1), spread, "amax")
+    # sink / tail blocks FIXED; the padding column (where padding units land) -inf
+    return torch.where(plan.pinned[:, None, :], plan.pin_value[:, None, :], scores)
+
+
+def recency_scores(plan: BlockPlan, num_kv_heads: int) -> torch.Tensor:
+    """Block scores of the ``streaming`` policy: the latest blocks first (sinks and tail fixed)."""
+    cols = torch.arange(plan.base.shape[1], device=plan.base.device, dtype=plan.base.dtype)
+    scores = torch.where(plan.base > NEG_INF, cols[None, :], plan.base).masked_fill(plan.fixed, FIXED)
+    return scores[:, None, :].expand(-1, num_kv_heads, -1)
+
+
+def select_blocks(scores: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """``[R, Hk, NB+1]`` block scores -> ``[R, Hk, kmax]`` ascending logical blocks (the row's last block last);
+    slots beyond a row's block budget hold ``plan.trash``."""
+    top = scores.topk(plan.width, dim=-1).indices        # sorted: slots past a row's budget are its worst
+    if plan.drop is not None:
+        top = top.masked_fill(plan.drop, plan.trash)
+    return top.sort(dim=-1).values
+
+
+def head_split_tables(block_table: torch.Tensor, num_kv_heads: int, trash: int) -> torch.Tensor:
+    """``[R, Hk, NB+1]`` int32 ids, in the head-split cache view ``[num_blocks * Hk, 1, block, ...]``, of each
+    logical block of each row and KV head: physical block ``p`` of KV head ``h`` is ``p * Hk + h`` (column
+    ``trash`` -> 0). Built once per step; :func:`physical_tables` then costs one gather per layer."""
+    r = block_table.shape[0]
+    table = torch.cat([block_table[:, :trash].long(), block_table.new_zeros(r, 1).long()], dim=1)
+    heads = torch.arange(num_kv_heads, device=table.device).view(1, -1, 1)
+    return (table[:, None, :] * num_kv_heads + heads).to(torch.int32)
+
+
+def physical_tables(blocks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Logical blocks ``[R, Hk, W]`` -> ``[R*Hk, W]`` int32 block tables of the head-split view."""
+    r, hk, w = blocks.shape
+    return tables.gather(2, blocks).view(r * hk, w)
+
+
+def block_token_mask(blocks: torch.Tensor, plan: BlockPlan, seq_lens: torch.Tensor, block_size: int,
+                     t_max: int) -> torch.Tensor:
+    """``[R, Hk, T]`` token mask of the selected blocks (the oracle for tests and the retrieval trace)."""
+    r, hk, _ = blocks.shape
+    pos = torch.arange(t_max, device=blocks.device)
+    chosen = torch.zeros(r, hk, plan.base.shape[1], dtype=torch.bool, device=blocks.device)
+    chosen.scatter_(2, blocks, True)
+    chosen[..., plan.trash] = False
+    return chosen.gather(2, (pos // block_size).clamp(max=plan.trash)[None, None, :].expand(r, hk, t_max)) & (
+        pos[None, None, :] < seq_lens[:, None, None])

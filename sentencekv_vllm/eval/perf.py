@@ -1,0 +1,169 @@
+"""``sentencekv-eval perf``: pure-decode step time of stock vLLM vs SentenceKV, in the same run.
+
+For every (batch, prompt length) point, ``batch`` streaming requests with distinct prompts start together; the
+pure-decode window runs from the moment the last of them got its first token to the moment the first of them got
+its last token (no prefill in the window). Step time = window / decode steps in it. TTFT is read at batch 1.
+Servers run one after another with identical arguments (block size, dtype, pool) except the backend.
+
+    sentencekv-eval perf --out docs/eval/perf                     # 1x2k, 1x4k, 1x7.5k, 8x7.5k; tau = 1024
+    sentencekv-eval perf --points 1x7500,8x7500 --variants stock,sentencekv,exact,host
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from sentencekv_vllm.eval.launch import vllm_server
+
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "stock": None,                                       # vLLM's own CPU backend
+    "sentencekv": {},                                    # defaults (attention: auto -> paged)
+    "exact": {"attention": "exact"},                     # token-exact gather + softmax (the reference path)
+    "host": {"offload": "host", "host_pool_gib": 4.0},   # two-tier memory
+}
+
+
+def server_args(variant: str, budget: int, block_size: int, max_model_len: int, extra: list[str]) -> list[str]:
+    args = ["--dtype", "bfloat16", "--block-size", str(block_size), "--max-model-len", str(max_model_len),
+            "--max-num-seqs", "16", "--served-model-name", "model", "--enforce-eager", *extra]
+    cfg = VARIANTS[variant]
+    if cfg is not None:
+        args += ["--attention-backend", "sentencekv",
+                 "--additional-config", json.dumps({"sentencekv": {"budget": budget, **cfg}})]
+    return args
+
+
+def stream_tokens(client: openai.OpenAI, prompt: str, max_tokens: int, start: threading.Barrier) -> dict[str, Any]:
+    """One streaming request; chunk arrival times (perf_counter)."""
+    start.wait()
+    t0 = time.perf_counter()
+    times: list[float] = []
+    stream = client.completions.create(model="model", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices:
+            times.append(time.perf_counter())
+    return {"t0": t0, "times": times}
+
+
+def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> dict[str, Any]:
+    """Step time over the pure-decode window of ``len(prompts)`` concurrent requests."""
+    barrier = threading.Barrier(len(prompts))
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        runs = list(pool.map(lambda p: stream_tokens(client, p, max_tokens, barrier), prompts))
+    lo = max(r["times"][0] for r in runs)
+    hi = min(r["times"][-1] for r in runs)
+    steps = [sum(1 for t in r["times"] if lo < t <= hi) for r in runs]
+    gaps = [b - a for r in runs for a, b in zip(r["times"], r["times"][1:]) if lo <= a and b <= hi]
+    n = statistics.median(steps)
+    return {
+        "step_ms": 1e3 * (hi - lo) / n if n else None,
+        "median_gap_ms": 1e3 * statistics.median(gaps) if gaps else None,
+        "window_steps": n,
+        "ttft_s": statistics.median(r["times"][0] - r["t0"] for r in runs),
+        "wall_s": max(r["times"][-1] for r in runs) - min(r["t0"] for r in runs),
+    }
+
+
+def prompts_for(tokenizer: Any, batch: int, length: int, salt: int) -> list[str]:
+    """``batch`` distinct prompts of ``length`` tokens from the packaged haystack (chat template applied)."""
+    from sentencekv_vllm import fixtures
+
+    out = []
+    for i in range(batch):
+        text = fixtures.haystack_text(offset=10_000 + 97_000 * i + 13 * salt, n_chars=length * 6)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+        content = tokenizer.decode(ids) + "\n\nContinue the text above."
+        out.append(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True))
+    return out
+
+
+def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants: list[str], budget: int,
+            block_size: int, max_tokens: int, repeats: int, extra: list[str]) -> dict[str, Any]:
+    """Every variant's server in turn; each point ``repeats`` times (median kept, all recorded)."""
+    results: dict[str, Any] = {}
+    max_len = max(n for _, n in points) + max_tokens + 256
+    max_len = -(-max_len // block_size) * block_size
+    for variant in variants:
+        args = server_args(variant, budget, block_size, max_len, extra)
+        with vllm_server(model, *args, timeout=600) as srv:
+            client = openai.OpenAI(base_url=srv.v1, api_key="none", timeout=1800, max_retries=0)
+            client.completions.create(model="model", prompt="Hello", max_tokens=4)       # warm-up
+            rows = {}
+            for batch, length in points:
+                runs = [decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens)
+                        for rep in range(repeats)]
+                best = sorted(runs, key=lambda x: x["step_ms"] or 1e9)[len(runs) // 2]
+                rows[f"{batch}x{length}"] = {**best, "runs": runs}
+                print(f"{variant:>10} {batch}x{length}: step {best['step_ms']:.1f} ms  ttft {best['ttft_s']:.2f} s",
+                      flush=True)
+        results[variant] = {"server_args": args, "points": rows}
+    return results
+
+
+def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
+    variants = list(results)
+    head = "| requests × prompt | " + " | ".join(f"{v} step (ms)" for v in variants)
+    head += " | " + " | ".join(f"{v} / stock" for v in variants if v != "stock") + " | TTFT stock / skv (s) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for batch, length in points:
+        key = f"{batch}x{length}"
+        steps = {v: results[v]["points"][key]["step_ms"] for v in variants}
+        row = f"| {batch} × {length} | " + " | ".join(f"{steps[v]:.1f}" for v in variants)
+        if "stock" in steps:
+            row += " | " + " | ".join(f"{steps[v] / steps['stock']:.2f}x" for v in variants if v != "stock")
+            skv = next((v for v in variants if v != "stock"), None)
+            ttft = results["stock"]["points"][key]["ttft_s"]
+            row += f" | {ttft:.2f} / {results[skv]['points'][key]['ttft_s']:.2f} |" if skv else " | |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, batch in zip(axes, (1, 8), strict=True):
+        for variant, res in results.items():
+            pts = sorted((int(k.split("x")[1]), v["step_ms"]) for k, v in res["points"].items()
+                         if int(k.split("x")[0]) == batch)
+            if pts:
+                ax.plot([p for p, _ in pts], [s for _, s in pts], marker="o", label=variant)
+        ax.set_title(f"decode step time, batch {batch}")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("ms per step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: Any, model: str, tokenizer: Any) -> int:
+    points = [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    results = measure(model, tokenizer, points, variants, args.budget or 1024, args.block_size, args.max_tokens,
+                      args.repeats, args.server_args.split())
+    meta = {"command": " ".join(["sentencekv-eval", "perf", *args.argv]), "budget": args.budget or 1024,
+            "block_size": args.block_size, "max_tokens": args.max_tokens, "wall_s": round(time.time() - t0, 1)}
+    (out / "perf.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    md = table(results, points)
+    (out / "perf.md").write_text(f"Command: `{meta['command']}`\n\n{md}")
+    plot(results, out / "step_time.png")
+    print(md)
+    return 0
