@@ -16,20 +16,20 @@ def gathered_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
     Returns ``[R, Hq, D]`` in the query's dtype; math in float32. ``details`` (optional) receives ``probs``
     ``[R, Hk, B]``: attention mass per gathered token, summed over each KV head's query group.
 
-    Written as broadcast products + reductions rather than batched matmuls: every output element is then
-    reduced in the same order whatever the batch holds, so a request gets bit-identical results alone and inside
-    a batch (BLAS picks different blockings for different batch shapes). Padding sits after the selected
-    tokens and contributes exact zeros.
+    Two batched float32 matmuls per (row, KV head), so no intermediate is larger than ``R x Hq x B`` (the scores);
+    each (row, head) product is computed on its own with the same shapes whatever else the batch holds, so a request
+    gets bit-identical results alone and inside a batch (tested). Padding sits after the selected tokens and
+    contributes exact zeros.
     """
     r, hq, d = query.shape
     hk = keys.shape[1]
-    q = query.float().view(r, hk, hq // hk, 1, d)
-    logits = (q * keys.float()[:, :, None]).sum(-1) * scale                  # [R, Hk, G, B]
+    q = query.float().view(r, hk, hq // hk, d)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale              # [R, Hk, G, B]
     logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
     probs = logits.softmax(dim=-1)
     if details is not None:
         details["probs"] = probs.sum(2)
-    out = (probs[..., None] * values.float()[:, :, None]).sum(-2)           # [R, Hk, G, D]
+    out = torch.matmul(probs, values.float())                                      # [R, Hk, G, D]
     return out.reshape(r, hq, d).to(query.dtype)
 
 

@@ -59,12 +59,14 @@ def random_cache(r: int, t: int, hk: int, d: int, block_size: int, dtype: torch.
     return cache
 
 
-def scheduler(r: int, hq: int, hk: int, d: int, seq: torch.Tensor, cache: PagedCache) -> tuple[Any, torch.Tensor]:
+def scheduler(r: int, hq: int, hk: int, d: int, seq: torch.Tensor, cache: PagedCache,
+              split_kv: bool = True) -> tuple[Any, torch.Tensor]:
+    """Work partition as the backends build it (the head-split batch is not split along KV: ``compat.py``)."""
     from vllm import _custom_ops as ops
 
     qsl = torch.arange(r + 1, dtype=torch.int32)
     return ops.cpu_attn_get_scheduler_metadata(r, hq, hk, d, seq, cache.cache.dtype, qsl, True, -1, cache.isa,
-                                               True), qsl
+                                               split_kv), qsl
 
 
 def stock_step(cache: PagedCache, q: torch.Tensor, t: int) -> Callable[[], torch.Tensor]:
@@ -100,7 +102,7 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
     plan = plan_blocks(starts, ends, torch.ones_like(starts, dtype=torch.bool), seq_lens, torch.full((r,), tau), 32,
                        seq_lens - 32, cache.block_size)
     seq = plan.seq_lens.repeat_interleave(hk).int()
-    md, qsl = scheduler(r * hk, hq // hk, 1, d, seq, cache)
+    md, qsl = scheduler(r * hk, hq // hk, 1, d, seq, cache, split_kv=False)
     kc, vc = cache.split(heads_apart=True)
     out = torch.empty(r * hk, hq // hk, d, dtype=q.dtype)
     tables = head_split_tables(cache.table, hk, plan.trash)

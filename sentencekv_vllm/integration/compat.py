@@ -80,7 +80,9 @@ def on_requests_preempted(runner: Any, callback: Callable[[str], None]) -> None:
 def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            heads: tuple[int, int] | None = None) -> torch.Tensor:
     """CPU attention work partition for a (sub-)batch; must be rebuilt whenever ``seq_lens`` change.
-    ``heads`` = (query heads, KV heads) per sequence when they differ from the layer's (the head-split view)."""
+    ``heads`` = (query heads, KV heads) per sequence when they differ from the layer's (the head-split view); such
+    a batch is never split along the KV axis, so each sequence's reduction order (and result) does not depend on
+    what else is in the batch: the head-split batch already has ``rows x KV heads`` sequences to spread."""
     from vllm import _custom_ops as ops
     from vllm import envs
 
@@ -89,7 +91,8 @@ def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor, 
         num_reqs=num_reqs, num_heads=num_heads, num_kv_heads=num_kv_heads,
         head_dim=builder.head_dim, seq_lens=seq_lens, dtype=builder.dtype, query_start_loc=query_start_loc,
         causal=True, sliding_window_size=builder.window_size, isa=builder.isa,
-        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=builder.kv_cache_dtype)
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV and heads is None, dynamic_causal=None,
+        kv_cache_dtype=builder.kv_cache_dtype)
 
 
 def layer_index(layer_name: str) -> int:

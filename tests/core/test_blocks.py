@@ -126,3 +126,21 @@ def test_stock_kernel_on_head_split_view_matches_exact_softmax(dtype):
         ref = masked_attention(q[i].float(), keys[i].float(), values[i].float(), mask[i, :, :t], d ** -0.5)
         torch.testing.assert_close(out.view(r, hq, d)[i].float(), ref, atol=tol, rtol=tol)
         assert int(mask[i, 0].sum()) == int(plan.seq_lens[i])
+
+
+def test_head_split_batch_is_batch_invariant():
+    """A row's paged attention is bit-identical alone and inside a larger batch (no KV split in the partition)."""
+    pytest.importorskip("vllm._custom_ops")
+    from sentencekv_vllm.core.selection import UnitFeatures
+    from sentencekv_vllm.eval.kernel import paged_step, random_cache
+
+    hq, hk, d, t = 9, 3, 64, 3000
+    cache = random_cache(4, t, hk, d, BS, torch.float32)
+    q = torch.randn(4, hq, d, generator=torch.Generator().manual_seed(1))
+    s = len(range(0, t, 20))
+    cents = UnitFeatures(torch.randn(4, s, hk, d, generator=torch.Generator().manual_seed(2)),
+                         torch.ones(4, s, hk, dtype=torch.bool))
+    together = paged_step(cache, q, t, 512, cents)().clone().view(4, hq, d)
+    alone = cache.__class__(cache.cache, cache.table[2:3], cache.isa, cache.block_size)
+    one = paged_step(alone, q[2:3], t, 512, UnitFeatures(cents.a[2:3], cents.valid[2:3]))().view(1, hq, d)
+    assert torch.equal(one[0], together[2])

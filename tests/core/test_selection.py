@@ -208,3 +208,16 @@ def test_select_positions_equals_mask(gen, policy):
     ref_pos, ref_valid = gather_selected(mask, 512)
     assert torch.equal(valid, ref_valid)
     assert torch.equal(pos, ref_pos)
+
+
+def test_gathered_attention_is_batch_invariant():
+    gen = torch.Generator().manual_seed(5)
+    r, w = 6, 300
+    q, k, v = torch.randn(r, HQ, D, generator=gen), torch.randn(r, HK, w, D, generator=gen), torch.randn(
+        r, HK, w, D, generator=gen)
+    valid = torch.ones(r, HK, w, dtype=torch.bool)
+    valid[2, :, 250:] = False
+    together = gathered_attention(q, k, v, valid, SCALE)
+    for i in range(r):
+        assert torch.equal(gathered_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], valid[i:i + 1], SCALE)[0],
+                           together[i])
