@@ -17,7 +17,7 @@ def test_quick_eval_writes_report(tmp_path: Path):
     out = tmp_path / "quick"
     exe = Path(sys.executable).parent / "sentencekv-eval"
     res = subprocess.run([str(exe), "all", "--quick", "--out", str(out)], capture_output=True, text=True,
-                         timeout=900, check=False)
+                         timeout=1800, check=False)   # same work as before #18; bf16 prefill here varies 4x
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     parts = results["parts"]
