@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.base_url and not args.model:
         raise SystemExit("--base-url needs --model (the served model name)")
+    # SIGTERM (a CI timeout, `timeout`) unwinds like Ctrl-C, so the servers this run started are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     model = args.model or str(fixtures.model_path())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
     cfg = settings(args)
