@@ -75,8 +75,8 @@ class SentenceKVConfig(BaseModel):
         "scored by min/max key bound); baselines run through the same backend. Per request: "
         "`vllm_xargs.sentencekv_policy` (`quest` only on a `quest` server and vice versa: the units differ)."))
     segmentation: Segmentation = Field("punct", description=(
-        "`punct` (token-id boundaries; also segments generated text) or `spacy` (prompt only; better on "
-        "\"Dr.\", \"p.m.\")."))
+        "`punct` (token-id boundaries, prompt and generated text) or `spacy` (prompt: spaCy sentencizer, better "
+        "on \"Dr.\", \"p.m.\"; generated text: the punct rules)."))
     spacy_model: str = Field("blank", description=(
         "`blank` (`spacy.blank(\"en\")` + sentencizer) or an installed spaCy pipeline name."))
     min_sentence_len: int = Field(4, gt=0, description=(

@@ -111,7 +111,9 @@ def recency_scores(plan: BlockPlan, num_kv_heads: int) -> torch.Tensor:
 def select_blocks(scores: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """``[R, Hk, NB+1]`` block scores -> ``[R, Hk, kmax]`` ascending logical blocks (the row's last block last);
     slots beyond a row's block budget hold ``plan.trash``."""
-    top = scores.topk(plan.width, dim=-1).indices        # sorted: slots past a row's budget are its worst
+    # a stable sort, not topk: the blocks of one sentence tie, and topk breaks ties differently for different
+    # widths, so a row would select differently alone and in a batch; here ties go to the earlier block
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :plan.width]
     if plan.drop is not None:
         top = top.masked_fill(plan.drop, plan.trash)
     return top.sort(dim=-1).values

@@ -144,3 +144,16 @@ def test_head_split_batch_is_batch_invariant():
     alone = cache.__class__(cache.cache, cache.table[2:3], cache.isa, cache.block_size)
     one = paged_step(alone, q[2:3], t, 512, UnitFeatures(cents.a[2:3], cents.valid[2:3]))().view(1, hq, d)
     assert torch.equal(one[0], together[2])
+
+
+def test_ties_break_the_same_way_at_any_width():
+    """Blocks of one sentence tie; a row must select the same blocks alone and padded inside a wider batch."""
+    spans = [[(40 * j, 40 * j + 40) for j in range(30)]]
+    plan_one, s = _plan(spans, [1200], budget=8 * BS)
+    wide = spans + [[(40 * j, 40 * j + 40) for j in range(60)]]
+    plan_two, s2 = _plan(wide, [1200, 2400], budget=8 * BS)
+    scores = torch.zeros(1, 2, s)          # every sentence ties
+    padded = torch.zeros(2, 2, s2)
+    one = select_blocks(block_scores(scores, plan_one), plan_one)
+    two = select_blocks(block_scores(padded, plan_two), plan_two)
+    assert torch.equal(one[0], two[0])
