@@ -22,7 +22,7 @@ SMALL = ["--quick", "--limit", "1", "--contexts", "600", "--depths", "0.5", "--t
 
 def test_eval_against_a_running_server(tmp_path: Path, model_path: str):
     skv = ["--attention-backend", "sentencekv", "--additional-config", '{"sentencekv": {"budget": 192}}']
-    with vllm_server(model_path, "--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "4096",
+    with vllm_server(model_path, "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
                      "--served-model-name", "served-skv", "--block-size", "32", "--api-key", "secret", *skv,
                      metrics=True) as srv:
         out = tmp_path / "remote"
