@@ -34,6 +34,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from sentencekv_vllm import fixtures  # noqa: E402
@@ -229,11 +230,32 @@ def check_host_tier(model: str, tokenizer: Any, out: Path, checks: set[str], ref
     return rows
 
 
-def soak(srv: Server, client: openai.OpenAI, tokenizer: Any, n: int = 200) -> Row:
-    """The CPU soak's request mix (tests/e2e/test_soak.py), with longer prompts."""
-    import random
+def one_request(client: openai.OpenAI, i: int, prompt: str, kind: str) -> str:
+    """One soak request: streamed, plain (sampled), or aborted by the client mid-stream or by a timeout."""
+    if kind == "stream":
+        for _ in client.completions.create(model="smollm2", prompt=prompt, max_tokens=48, stream=True):
+            pass
+        return "ok"
+    if kind == "abort-stream":
+        stream = client.completions.create(model="smollm2", prompt=prompt, max_tokens=200, stream=True)
+        for n, _ in enumerate(stream):
+            if n == 2:
+                stream.close()
+                break
+        return "aborted"
+    if kind == "abort-timeout":
+        try:
+            client.with_options(timeout=0.5).completions.create(model="smollm2", prompt=prompt, max_tokens=200)
+        except (openai.APITimeoutError, httpx.TimeoutException):
+            return "aborted"
+        return "ok"
+    client.completions.create(model="smollm2", prompt=prompt, max_tokens=48, temperature=0.7)
+    return "ok"
 
-    from tests.e2e.test_soak import one_request
+
+def soak(srv: Server, client: openai.OpenAI, tokenizer: Any, n: int = 200) -> Row:
+    """A soak of mixed requests (as the CPU fuzz in tests/e2e/hostile/ does), with longer prompts."""
+    import random
 
     rng = random.Random(0)
     shorts = [prompts.chat(tokenizer, q) for q in prompts.SHORT_QUESTIONS]

@@ -78,7 +78,8 @@ class SentenceKVConfig(BaseModel):
         "`punct` (token-id boundaries, prompt and generated text) or `spacy` (prompt: spaCy sentencizer, better "
         "on \"Dr.\", \"p.m.\"; generated text: the punct rules)."))
     spacy_model: str = Field("blank", description=(
-        "`blank` (`spacy.blank(\"en\")` + sentencizer) or an installed spaCy pipeline name."))
+        "`blank` (`spacy.blank(\"en\")` + sentencizer), or an installed spaCy pipeline's name or a saved "
+        "pipeline's directory (anything `spacy.load` accepts)."))
     min_sentence_len: int = Field(4, gt=0, description=(
         "Shorter sentences are merged into the next one; at most `max_sentence_len`."))
     max_sentence_len: int = Field(128, gt=0, description="Longer sentences are split.")

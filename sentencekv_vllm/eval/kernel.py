@@ -178,7 +178,8 @@ def measure(contexts: list[int], batches: list[int], taus: list[int], heads: tup
 
 def table(res: dict[str, Any]) -> str:
     exact = any("exact_ms" in r for r in res["rows"])
-    head = "| context | batch | τ | stock ms | paged ms | stock / paged |" + (" exact ms | stock / exact |" if exact else "")
+    head = "| context | batch | τ | stock ms | paged ms | stock / paged |"
+    head += " exact ms | stock / exact |" if exact else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         line = (f"| {r['context']} | {r['batch']} | {r['tau']} | {r['stock_ms']:.2f} | {r['paged_ms']:.2f} | "

@@ -62,7 +62,7 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> 
     lo = max(r["times"][0] for r in runs)
     hi = min(r["times"][-1] for r in runs)
     steps = [sum(1 for t in r["times"] if lo < t <= hi) for r in runs]
-    gaps = [b - a for r in runs for a, b in zip(r["times"], r["times"][1:]) if lo <= a and b <= hi]
+    gaps = [b - a for r in runs for a, b in zip(r["times"], r["times"][1:], strict=False) if lo <= a and b <= hi]
     n = statistics.median(steps)
     return {
         "step_ms": 1e3 * (hi - lo) / n if n else None,

@@ -14,8 +14,8 @@ import time
 import torch
 
 from sentencekv_vllm.core.attention import gathered_attention
-from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
 from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, select_blocks
+from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
 from sentencekv_vllm.core.selection import UnitFeatures, select_positions, unit_scores
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index

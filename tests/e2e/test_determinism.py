@@ -30,8 +30,8 @@ def changed_in_batch(model_path: str, batch: list[str], *args: str) -> int:
 
 def test_bf16_batch_changes_no_more_than_stock(model_path, tokenizer):
     batch = [prompts.chat(tokenizer, q) for q in prompts.SHORT_QUESTIONS]
-    batch += [prompts.long_prompt(tokenizer, n, off) for n, off in ((1200, 60_000), (2000, 330_000),
-                                                                    (2800, 610_000), (3300, 870_000))]
+    # sparse from 256 tokens on; kept short: bf16 prefill is emulated (slow) on AVX2-only CI machines
+    batch += [prompts.long_prompt(tokenizer, n, off) for n, off in ((600, 60_000), (900, 330_000), (1200, 610_000))]
     stock = changed_in_batch(model_path, batch)
     skv = changed_in_batch(model_path, batch, "--attention-backend", "sentencekv",
                            "--additional-config", json.dumps({"sentencekv": {"budget": 256}}))

@@ -3,7 +3,6 @@ device pool than FULL; device and host usage back to idle afterwards. Real `vllm
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,16 +11,13 @@ import openai
 import pytest
 
 from tests import prompts
+from tests.e2e import servers
+from tests.e2e.servers import F32, SKV, additional_config
 from tests.server import metric, vllm_server
 
 pytestmark = pytest.mark.slow
 
-F32 = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "8192", "--max-num-seqs", "16",
-       "--served-model-name", "smollm2", "--attention-backend", "sentencekv")
-
-
-def skv_config(**kw) -> tuple[str, str]:
-    return "--additional-config", json.dumps({"sentencekv": {"budget": 512, **kw}})
+ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", *SKV)
 
 
 def complete(client, prompt: str, max_tokens: int = 32) -> str:
@@ -31,20 +27,20 @@ def complete(client, prompt: str, max_tokens: int = 32) -> str:
 
 @pytest.fixture(scope="module")
 def identity_prompts(tokenizer):
-    return ([prompts.needle_prompt(tokenizer, 3000), prompts.long_prompt(tokenizer, 6000, 100_000)]
+    return ([prompts.needle_prompt(tokenizer, 3000), prompts.long_prompt(tokenizer, 4000, 100_000)]
             + [prompts.long_prompt(tokenizer, n, off) for n, off in ((1000, 20_000), (1500, 450_000),
                                                                      (2000, 800_000))])
 
 
 @pytest.fixture(scope="module")
 def resident_outputs(model_path, identity_prompts):
-    with vllm_server(model_path, *F32, *skv_config()) as srv:
+    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_BASE)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
         return [complete(client, p) for p in identity_prompts]
 
 
 def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, identity_prompts, resident_outputs):
-    with vllm_server(model_path, *F32, *skv_config(offload="host", host_pool_gib=2.0), metrics=True) as srv:
+    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_HOST), metrics=True) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
         alone = [complete(client, p) for p in identity_prompts]
         with ThreadPoolExecutor(len(identity_prompts)) as pool:
@@ -60,7 +56,7 @@ def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, ident
 
 def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, identity_prompts, resident_outputs):
     """A host tier of three fp32 blocks: the first spills take it, every other block stays on the device."""
-    with vllm_server(model_path, *F32, *skv_config(offload="host", host_pool_gib=0.02), metrics=True) as srv:
+    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_FULL_TIER), metrics=True) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
         with ThreadPoolExecutor(len(identity_prompts)) as pool:
             together = list(pool.map(lambda p: complete(client, p), identity_prompts))
@@ -72,8 +68,8 @@ def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, 
     assert metric(text, "sentencekv_host_blocks") == 0
 
 
-SMALL_POOL = ("--enforce-eager", "--max-model-len", "4096", "--block-size", "128", "--num-gpu-blocks-override",
-              "40", "--max-num-seqs", "16", "--served-model-name", "smollm2")
+SMALL_POOL = (*F32, "--max-model-len", "4096", "--block-size", "128", "--num-gpu-blocks-override", "40",
+              "--max-num-seqs", "16")
 
 
 def max_running_during(srv, prompt_list: list[str], max_tokens: int) -> tuple[float, list[str]]:
@@ -103,8 +99,7 @@ def test_small_pool_decodes_more_requests_concurrently(model_path, tokenizer):
     batch = [prompts.long_prompt(tokenizer, 3000, 30_000 + 97_000 * i) for i in range(6)]
     with vllm_server(model_path, *SMALL_POOL, metrics=True) as full:
         full_peak, _ = max_running_during(full, batch, 48)
-    with vllm_server(model_path, *SMALL_POOL, "--attention-backend", "sentencekv",
-                     *skv_config(offload="host", host_pool_gib=2.0, hot_set_factor=0.25), metrics=True) as skv:
+    with vllm_server(model_path, *SMALL_POOL, *SKV, *additional_config(servers.SMALL_POOL), metrics=True) as skv:
         skv_peak, outs = max_running_during(skv, batch, 48)
         time.sleep(2)
         idle = skv.metrics()

@@ -17,15 +17,15 @@ import openai
 import pytest
 
 from tests import prompts
+from tests.e2e import servers
+from tests.e2e.servers import F32, SKV, additional_config
 from tests.server import metric, vllm_server
 
 pytestmark = pytest.mark.slow
 
-ARGS = ("--enforce-eager", "--max-model-len", "1600", "--block-size", "32", "--num-gpu-blocks-override", "55",
-        "--max-num-seqs", "12", "--max-num-batched-tokens", "512", "--scheduling-policy", "priority",
-        "--served-model-name", "smollm2", "--attention-backend", "sentencekv",
-        "--additional-config", json.dumps({"sentencekv": {"budget": 256, "offload": "host", "host_pool_gib": 0.5,
-                                                          "hot_set_factor": 0.5}}))
+ARGS = (*F32, "--max-model-len", "1600", "--block-size", "32", "--num-gpu-blocks-override", "55",
+        "--max-num-seqs", "12", "--max-num-batched-tokens", "512", "--scheduling-policy", "priority", *SKV,
+        *additional_config(servers.PREEMPTION))
 SPARSE_TOKENS, DENSE_TOKENS = 96, 320
 
 
@@ -62,6 +62,8 @@ def test_preempted_sparse_requests_release_both_tiers_and_finish(model_path, tok
         time.sleep(2)
         idle = srv.metrics()
         health = client.with_options(timeout=10).models.list()
+        with pytest.raises(openai.BadRequestError, match="trace_per_request"):    # opt-in traces are off here
+            generate(client, "Hello", 2, 0, {"sentencekv_trace": True})
     print(json.dumps({"preemptions": metric(idle, "vllm:num_preemptions_total"),
                       "preempted_host_releases": metric(idle, "sentencekv_preempted_host_releases_total"),
                       "spilled_blocks": metric(idle, "sentencekv_spilled_blocks_total")}))

@@ -1,62 +1,29 @@
-"""Issue #13 items 2, 4 and 6: no option, client or scheduling event may crash the engine.
-
-One real ``vllm serve`` (real SmolLM2, real OpenAI client) is shared by every test here: spaCy segmentation, the
-host tier with a tiny host pool (~35 blocks, so it also fills up), a device pool of 44 x 32-token blocks, two
-running requests at most and priority scheduling -- the configuration where the bugs lived.
-``SENTENCEKV_CHECK_SLOTS=1`` makes EngineCore check the host-slot invariant (item 3) on every step over the whole
-free list; violations are counted in ``sentencekv_slot_invariant_violations_total``, which must stay 0.
-``/health`` is asserted after every case.
-"""
+"""Issue #13 items 2, 4 and 6: no option, client or scheduling event may crash the engine (hostile server, see
+``conftest.py``). ``/health`` is asserted after every case."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import requests
 
 from sentencekv_vllm import fixtures
 from tests import prompts
-from tests.server import metric, vllm_server
+from tests.e2e.hostile.conftest import MAX_MODEL_LEN
+from tests.server import metric
 
 pytestmark = pytest.mark.slow
 
-MAX_MODEL_LEN = 1280
-CONFIG = {"budget": 256, "offload": "host", "host_pool_gib": 0.05, "hot_set_factor": 0.5,
-          "segmentation": "spacy", "trace_requests": 64}
-# float32: several times faster than bf16 on CPUs without native bf16 matmuls (AVX2), same code paths
-ARGS = ("--enforce-eager", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--block-size", "32",
-        "--num-gpu-blocks-override", "44", "--max-num-seqs", "2", "--max-num-batched-tokens", "512",
-        "--scheduling-policy", "priority", "--served-model-name", "smollm2", "--attention-backend", "sentencekv",
-        "--additional-config", json.dumps({"sentencekv": CONFIG}))
 VIOLATIONS = "sentencekv_slot_invariant_violations_total"
-
-
-@pytest.fixture(scope="module")
-def trace_dir():
-    with tempfile.TemporaryDirectory(prefix="skv-trace-") as path:
-        yield Path(path)
-
-
-@pytest.fixture(scope="module")
-def server(model_path, trace_dir):
-    env = {"SENTENCEKV_CHECK_SLOTS": "1", "SENTENCEKV_TRACE_DIR": str(trace_dir)}
-    with vllm_server(model_path, *ARGS, env=env, metrics=True) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.v1, api_key="x", max_retries=0, timeout=600)
 
 
 def healthy(server) -> bool:
@@ -254,8 +221,16 @@ def run_fuzz_job(client, job: dict) -> str:
         return f"error: {err!r}"[:300]
 
 
+def server_rss(proc) -> int:
+    root = psutil.Process(proc.pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
 def test_fuzz_requests_never_break_the_engine(server, client, tokenizer):
+    """Also the soak of issue #8: aborts mid-stream and by client timeout, sampling, every block and host slot
+    back afterwards, nothing stuck, server memory stable."""
     rng = random.Random(1313)
+    rss_start = server_rss(server.proc)
     jobs = [fuzz_job(rng, tokenizer, i) for i in range(FUZZ_REQUESTS)]
     lock = threading.Lock()
     bad: list[tuple[dict, str]] = []
@@ -279,7 +254,8 @@ def test_fuzz_requests_never_break_the_engine(server, client, tokenizer):
                "host_tier_full": metric(idle, "sentencekv_host_tier_full_total"),
                "slot_violations": metric(idle, VIOLATIONS),
                "kv_usage_after": metric(idle, "vllm:kv_cache_usage_perc"),
-               "host_blocks_after": metric(idle, "sentencekv_host_blocks")}
+               "host_blocks_after": metric(idle, "sentencekv_host_blocks"),
+               "rss_start_mb": round(rss_start / 2**20), "rss_end_mb": round(server_rss(server.proc) / 2**20)}
     print(json.dumps(figures, indent=2))
     assert not bad, bad[:5]
     assert healthy(server)
@@ -288,5 +264,6 @@ def test_fuzz_requests_never_break_the_engine(server, client, tokenizer):
     assert figures["slot_violations"] == 0, "host-slot invariant violated"
     assert figures["kv_usage_after"] == 0, "device blocks leaked"
     assert figures["host_blocks_after"] == 0, "host blocks leaked"
+    assert figures["rss_end_mb"] < figures["rss_start_mb"] * 1.25 + 300, "server RSS grew"
     assert generate(client, token_prompt(tokenizer, 400, 5), 8, 0) == ("length", 8)
     assert healthy(server)
