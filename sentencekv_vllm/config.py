@@ -22,7 +22,10 @@ from typing import Any, Literal, Mapping, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-Policy = Literal["sentencekv", "full", "streaming", "quest"]
+from sentencekv_vllm import policies
+
+# the registered policies (``sentencekv_vllm/policies/``), in registry order; the first is the default
+Policy = Literal[policies.names()]  # type: ignore[valid-type]
 Segmentation = Literal["punct", "spacy"]
 Offload = Literal["none", "host"]
 Attention = Literal["auto", "paged", "exact"]
@@ -70,10 +73,7 @@ class SentenceKVConfig(BaseModel):
         "r: SnapKV keeps `budget * r` important prompt tokens per KV head; sentence centroids average those."))
     sinks: int = Field(32, ge=0, description="Always-attended first tokens (attention sinks).")
     recent: int = Field(32, ge=0, description="Always-attended last tokens (recent window).")
-    policy: Policy = Field("sentencekv", description=(
-        "`sentencekv`, `full` (stock attention), `streaming` (sinks + last τ−sinks tokens), `quest` (pages "
-        "scored by min/max key bound); baselines run through the same backend. Per request: "
-        "`vllm_xargs.sentencekv_policy` (`quest` only on a `quest` server and vice versa: the units differ)."))
+    policy: Policy = Field(policies.names()[0], description=policies.describe())
     segmentation: Segmentation = Field("punct", description=(
         "`punct` (token-id boundaries, prompt and generated text) or `spacy` (prompt: spaCy sentencizer, better "
         "on \"Dr.\", \"p.m.\"; generated text: the punct rules)."))

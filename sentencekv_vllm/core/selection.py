@@ -1,6 +1,6 @@
-"""Selection policies: which tokens each KV head of each request attends to at a decode step.
+"""Selection mechanics shared by the policies (``sentencekv_vllm/policies/``): budget filling and token positions.
 
-Batched over ``R`` requests (padded). Every policy only *scores* units (sentences or pages); one shared
+Batched over ``R`` requests (padded). A scoring policy only *scores* units (sentences or pages); one shared
 budget filler (``fill_budget``) turns scores into a token mask, the way kvpress separates scoring from mechanics:
 
     scores ``[R, Hk, S]``  --fill_budget-->  allowed tokens per unit ``[R, Hk, S]``  --token_mask-->  ``[R, Hk, T]``
@@ -13,7 +13,6 @@ so a step attends to exactly ``min(budget, L)`` tokens per KV head.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -89,14 +88,12 @@ def token_mask(batch: SelectionBatch, allowed: torch.Tensor, max_len: int | None
     return (in_unit | fixed[:, None, :]) & (pos[None, :] < L)[:, None, :]
 
 
-ScoreFn = Callable[[torch.Tensor, "UnitFeatures"], torch.Tensor]
-
-
 @dataclass
 class UnitFeatures:
     """Per-unit features, padded to ``[R, S, Hk, D]``; ``valid`` ``[R, S, Hk]`` masks padding/discarded units.
 
-    sentencekv uses ``a`` = centroids; quest uses ``a`` = page min key, ``b`` = page max key.
+    ``a`` / ``b`` are a policy's first / second feature slot (``Policy.features``): sentencekv's ``a`` is the
+    centroid; quest's ``a`` / ``b`` are the page's element-wise min / max key.
     """
 
     a: torch.Tensor
@@ -110,52 +107,13 @@ def group_mean_query(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return query.float().view(r, num_kv_heads, hq // num_kv_heads, d).mean(2)
 
 
-def score_sentencekv(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
-    """Dot product of the (mean current-sentence) query with sentence centroids. ``[R, Hk, D]`` -> ``[R, Hk, S]``.
-
-    Product + sum (not einsum/bmm) so a row's scores do not depend on what else is in the batch.
-    """
-    scores = (query.float()[:, None] * feats.a.float()).sum(-1).transpose(1, 2)
-    return scores.masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
-
-
-def score_quest(query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
-    """Quest upper bound of q·k over a page: ``sum_d max(q_d * min_d, q_d * max_d)``."""
-    assert feats.b is not None, "quest needs min and max page keys"
-    q = query.float()[:, None]                                              # [R, 1, Hk, D]
-    bound = torch.maximum(q * feats.a.float(), q * feats.b.float()).sum(-1)  # [R, S, Hk]
-    return bound.transpose(1, 2).masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
-
-
-SCORERS: dict[str, ScoreFn] = {"sentencekv": score_sentencekv, "quest": score_quest}
-
-
-def unit_scores(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None) -> torch.Tensor:
-    """``[R, Hk, S]`` scores of a scoring policy (``-inf`` = the unit may not be taken by that head)."""
-    assert query is not None and feats is not None, f"policy {policy!r} scores units with the query"
-    return SCORERS[policy](query, feats)
-
-
-def select(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None,
-           batch: SelectionBatch, details: dict | None = None) -> torch.Tensor:
-    """Token mask ``[R, Hk, T]`` for one layer.
-
-    policy: ``sentencekv`` / ``quest`` score units with the query; ``streaming`` keeps sinks + the most recent
-    ``budget - sinks`` tokens; ``full`` keeps everything. ``details`` (optional dict) receives the unit ``scores``
-    and ``allowed`` token counts ``[R, Hk, S]`` of scored policies (used by the retrieval trace).
-    """
-    eff, allowed = allowed_tokens(policy, query, feats, batch, details)
-    return token_mask(eff, allowed)
-
-
-def select_positions(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None, batch: SelectionBatch,
-                     width: int, details: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same selection as :func:`select`, returned as ascending positions ``[R, Hk, width]`` + valid mask.
+def positions_from_allowed(eff: SelectionBatch, allowed: torch.Tensor,
+                           width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection :func:`token_mask` describes, as ascending positions ``[R, Hk, width]`` + valid mask.
 
     Built from segment lengths (sinks, each unit's allowed prefix, the recent window) in ``O(width log S)``
     without materialising a ``[R, Hk, T]`` mask: this is the decode hot path.
     """
-    eff, allowed = allowed_tokens(policy, query, feats, batch, details)
     r, hk, s = allowed.shape
     cs, _ = eff.clipped()
     seq = eff.seq_lens
@@ -173,23 +131,3 @@ def select_positions(policy: str, query: torch.Tensor | None, feats: UnitFeature
     return pos.masked_fill(~valid, 0), valid
 
 
-def allowed_tokens(policy: str, query: torch.Tensor | None, feats: UnitFeatures | None, batch: SelectionBatch,
-                   details: dict | None = None) -> tuple[SelectionBatch, torch.Tensor]:
-    """The policy's effective batch (``streaming`` widens the recent window) and allowed tokens per unit."""
-    r = batch.seq_lens.shape[0]
-    hk = 1 if query is None else query.shape[1]
-    none = torch.zeros(r, hk, batch.starts.shape[1], dtype=torch.long, device=batch.seq_lens.device)
-    if policy == "full":
-        return SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.seq_lens, batch.seq_lens * 0,
-                              batch.seq_lens), none
-    if policy == "streaming":
-        return SelectionBatch(batch.starts, batch.ends, batch.seq_lens, batch.budget, batch.sinks,
-                              batch.budget - batch.sinks), none
-    scores = unit_scores(policy, query, feats)
-    _, lengths = batch.clipped()
-    scores = scores.masked_fill((lengths == 0)[:, None, :], NEG_INF)
-    room = (batch.budget - batch.sinks - batch.recent).clamp(min=0)
-    allowed = fill_budget(scores, lengths, room)
-    if details is not None:
-        details.update(scores=scores, allowed=allowed)
-    return batch, allowed

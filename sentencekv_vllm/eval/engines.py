@@ -2,8 +2,9 @@
 already running anywhere (``--base-url``: a GPU box, a stock vLLM, any OpenAI-compatible endpoint).
 
 FULL is the stock backend (not SentenceKV with policy ``full``) when the harness starts the servers, so every
-comparison is against unmodified vLLM. ``sentencekv`` and ``streaming`` share one SentenceKV server (per-request
-``vllm_xargs`` policy); ``quest`` needs its own server because its index units are pages. Servers run one at a time
+comparison is against unmodified vLLM. The policies come from the registry (``sentencekv_vllm/policies``); those
+with sentence units (``sentencekv``, ``streaming``, ...) share one SentenceKV server (per-request ``vllm_xargs``
+policy); ``quest`` needs its own server because its index units are pages. Servers run one at a time
 (2-core machines). Against a running server every policy is chosen per request through ``vllm_xargs``, and FULL goes
 to ``--full-base-url`` when given (a stock server), else to the same server with ``sentencekv_policy: full``.
 """
@@ -21,9 +22,11 @@ from typing import Any, Iterator
 import openai
 import requests
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.eval.launch import vllm_server
 
-POLICIES = ("full", "sentencekv", "streaming", "quest")
+# every registered policy, FULL first (the reference every table compares against)
+POLICIES = ("full", *(p for p in policies.names() if p != "full"))
 LOCAL_SERVED_NAME = "model"
 
 
@@ -71,8 +74,7 @@ class EngineSpec:
         if self.enforce_eager:
             args.append("--enforce-eager")
         if policy != "full":
-            cfg = {"budget": self.budget, "policy": "quest" if policy == "quest" else "sentencekv",
-                   **self.skv_config}
+            cfg = {"budget": self.budget, "policy": policy, **self.skv_config}
             args += ["--attention-backend", "sentencekv", "--additional-config", json.dumps({"sentencekv": cfg})]
         return args
 
@@ -92,7 +94,11 @@ def parse_server_args(text: str) -> list[str]:
 
 
 def server_group(policy: str) -> str:
-    return {"full": "full", "quest": "quest"}.get(policy, "sentencekv")
+    """The server a policy runs on when the harness starts them: FULL on stock vLLM, the sentence policies on one
+    SentenceKV server (per-request ``vllm_xargs``), a policy with other units (``quest``) on its own."""
+    if policy == "full":
+        return "full"
+    return "sentencekv" if policies.compatible(policy, "sentencekv") else policy
 
 
 @dataclass
@@ -159,7 +165,7 @@ def engines_for(spec: EngineSpec, policies: list[str]) -> Iterator[Iterator[Engi
         for p in policies:
             groups.setdefault(server_group(p), []).append(p)
         for group, members in groups.items():
-            with vllm_server(spec.model, *spec.server_args(group), metrics=True) as srv:
+            with vllm_server(spec.model, *spec.server_args(group)) as srv:
                 for policy in members:
                     yield Engine(srv, policy)
 

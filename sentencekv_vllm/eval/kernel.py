@@ -23,8 +23,9 @@ import torch
 
 from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, plan_blocks, select_blocks
-from sentencekv_vllm.core.selection import SelectionBatch, UnitFeatures, group_mean_query, select_positions, unit_scores
+from sentencekv_vllm.core.selection import SelectionBatch, UnitFeatures, group_mean_query
 from sentencekv_vllm.integration.kv_layout import BlockLayout
+from sentencekv_vllm.policies import select_positions, unit_scores
 
 
 @dataclass

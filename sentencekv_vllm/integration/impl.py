@@ -1,7 +1,9 @@
 """Backend-agnostic SentenceKV attention: a mixin placed before a stock ``AttentionImpl`` (CPU or FlashAttention).
 
 Per layer: capture SnapKV window queries, build the prompt index on the last prefill chunk (keys read back from
-the paged cache through the probed block layout), keep running sums of the open sentence, then attention:
+the paged cache through the probed block layout), keep running statistics of the open sentence, then attention.
+What is built, kept and scored is the policies' business (``sentencekv_vllm/policies/``); this module only moves
+their tensors in and out of the pools:
 the stock kernel (``super().forward``) for prefill and short rows, exact softmax over the selected tokens
 (gathered from the paged cache) for sparse decode rows.
 """
@@ -13,10 +15,10 @@ import time
 
 import torch
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, select_blocks
-from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
-from sentencekv_vllm.core.selection import UnitFeatures, select_positions, unit_scores
+from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import BlockLayout
@@ -125,48 +127,46 @@ class SentenceKVImplMixin:
     # -- index maintenance ---------------------------------------------------------------------------------
 
     def _update_running_sums(self, store: UnitStore, lyr: int, query, key, plan: StepPlan) -> None:
-        """Close finished sentences (centroid = mean key), then add this token to the open sentence's sums."""
+        """Close finished units (their features from the running statistics, e.g. centroid = mean key), then add
+        this token to the open unit's statistics and query sum."""
         book = plan.book
+        indexers = policies.indexers(STATE.units)
         if len(book.close_rows):
-            slots = book.slot[book.close_rows]
-            if store.quest:
-                store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots]
-                store.feat_b[lyr, book.close_units] = store.kmax[lyr, slots]
-            else:
-                store.feat_a[lyr, book.close_units] = store.ksum[lyr, slots] / book.close_count[:, None, None]
+            closing = store.open_rows(lyr, book.slot[book.close_rows])
+            for policy in indexers:
+                for name, value in policy.close_open(closing, book.close_count).items():
+                    store.units[name][lyr, book.close_units] = value
             store.valid[lyr, book.close_units] = True
         r = len(book.tok)
         q = query[book.tok].float().view(r, self.num_kv_heads, -1, self.head_size).sum(2)   # group sums
         k = key[book.tok].float()
         keep = (~book.reset).float()[:, None, None]
         store.qsum[lyr, book.slot] = store.qsum[lyr, book.slot] * keep + q
-        if store.quest:
-            reset = book.reset[:, None, None]
-            store.ksum[lyr, book.slot] = torch.where(reset, k, torch.minimum(store.ksum[lyr, book.slot], k))
-            store.kmax[lyr, book.slot] = torch.where(reset, k, torch.maximum(store.kmax[lyr, book.slot], k))
-        else:
-            store.ksum[lyr, book.slot] = store.ksum[lyr, book.slot] * keep + k
+        current = store.open_rows(lyr, book.slot)
+        for policy in indexers:
+            for name, value in policy.update_open(current, k, book.reset).items():
+                store.open[name][lyr, book.slot] = value
 
     def _build_index(self, store: UnitStore, lyr: int, layer, kv_cache, job: Finalize) -> None:
-        """Prompt index for this layer, from the keys just written to the paged cache."""
+        """Prompt index for this layer, from the keys just written to the paged cache: the unit features of the
+        server's policies, and the request's own token-level features (SnapKV) if its policy has some."""
         req = job.req
         n = req.prompt_len
         pos = torch.arange(n, device=kv_cache.device).view(1, 1, n).expand(1, self.num_kv_heads, n)
         keys, _ = self._block_layout(layer, kv_cache).gather(kv_cache, job.block_row, pos)
         keys = keys[0].transpose(0, 1)                                       # [T, Hk, D]
-        if store.quest:
-            kmin, kmax = page_bounds(keys, job.spans)
-            store.feat_a[lyr, job.unit_slots], store.feat_b[lyr, job.unit_slots] = kmin, kmax
-            store.valid[lyr, job.unit_slots] = True
-            return
-        retained = None
         lo = req.obs_lo if req.obs_lo is not None else req.obs.shape[1]
-        if lo < req.obs.shape[1]:
-            obs = req.obs[lyr, lo:]
-            retained = retention_mask(snapkv_importance(obs, keys, req.cfg.pool_kernel), req.cfg.semantic_budget)
-        cent, valid = sentence_centroids(keys, job.spans, retained, req.cfg.keep_unretained)
-        store.feat_a[lyr, job.unit_slots] = cent
-        store.valid[lyr, job.unit_slots] = valid
+        obs = req.obs[lyr, lo:] if lo < req.obs.shape[1] else None
+        for policy in policies.indexers(STATE.units):
+            feats, valid = policy.build_units(keys, job.spans, obs, req.cfg)
+            for name, value in feats.items():
+                store.units[name][lyr, job.unit_slots] = value
+            store.valid[lyr, job.unit_slots] = valid
+        tokens = policies.get(req.cfg.policy).build_tokens(keys, obs, req.cfg)
+        if tokens is not None:
+            if req.tokens is None:
+                req.tokens = tokens.new_full((store.dims[0], *tokens.shape), -1)
+            req.tokens[lyr] = tokens
 
     # -- attention -----------------------------------------------------------------------------------------
 
@@ -182,9 +182,8 @@ class SentenceKVImplMixin:
         group = self.num_heads // self.num_kv_heads
         q_sel = store.qsum[lyr, g.slot] / (g.q_count * group)[:, None, None]
         valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
-        feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], valid,
-                             store.feat_b[lyr, g.unit_slots] if store.quest else None)
-        return q_sel, feats
+        policy = policies.get(g.policy)
+        return q_sel, policy.features(store.unit_rows(lyr, g.unit_slots, policy.slots), valid)
 
     def _sparse_paged(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
         """Score sentences, take the blocks that hold the best ones (``core/blocks.py``), and let the stock kernel
@@ -197,9 +196,9 @@ class SentenceKVImplMixin:
         paged = g.paged
         blocks = paged.blocks
         if blocks is None:
-            feats = UnitFeatures(store.feat_a[lyr, g.unit_slots], store.valid[lyr, g.unit_slots],
-                                 store.feat_b[lyr, g.unit_slots] if store.quest else None)
-            scores = unit_scores(g.policy, store.qsum[lyr, g.slot], feats)
+            policy = policies.get(g.policy)
+            feats = policy.features(store.unit_rows(lyr, g.unit_slots, policy.slots), store.valid[lyr, g.unit_slots])
+            scores = policy.score(store.qsum[lyr, g.slot], feats)
             blocks = select_blocks(block_scores(scores, paged.plan), paged.plan)
         tables = paged.tables
         t1 = time.perf_counter()
@@ -223,12 +222,11 @@ class SentenceKVImplMixin:
     def _sparse(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
         """Select per KV head, gather the selected K/V from the paged cache, exact softmax over them."""
         t0 = time.perf_counter()
-        feats = None
-        q_sel = None
-        if g.policy in ("sentencekv", "quest"):
-            q_sel, feats = self._unit_features(store, lyr, g)
+        policy = policies.get(g.policy)
+        q_sel, feats = self._unit_features(store, lyr, g) if policy.uses_query else (None, None)
+        tokens = g.tokens.layer(lyr) if g.tokens is not None else None
         details: dict | None = {} if g.traced else None
-        pos, ok = select_positions(g.policy, q_sel, feats, g.batch, g.width, details)
+        pos, ok = policy.positions(q_sel, feats, g.batch, g.width, details, tokens)
         if pos.shape[1] != self.num_kv_heads:
             pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
         t1 = time.perf_counter()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.config import PAGED_MIN_BLOCKS
 from sentencekv_vllm.core.blocks import BlockPlan, head_split_tables, plan_blocks, recency_scores, select_blocks
 from sentencekv_vllm.core.segmentation import spans_from_ends
@@ -21,6 +22,7 @@ from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import RowInfo, model_dims, runner_rows
 from sentencekv_vllm.integration.state import STATE, RequestState, new_stream
+from sentencekv_vllm.policies.base import TokenFeatures
 
 
 @dataclass
@@ -63,6 +65,25 @@ class PagedGroup:
 
 
 @dataclass
+class GroupTokens:
+    """Token-level policy features of a group's rows (``RequestState.tokens``), padded per layer when used."""
+
+    reqs: list[RequestState]
+    prompt_lens: torch.Tensor  # [Rs]
+
+    def layer(self, lyr: int) -> TokenFeatures:
+        rows = [req.tokens[lyr] if req.tokens is not None else None for req in self.reqs]
+        known = [t for t in rows if t is not None]
+        hk, dev = STATE.store.dims[1], self.prompt_lens.device
+        order = torch.full((len(rows), hk, max([t.shape[-1] for t in known], default=0)), -1, dtype=torch.long,
+                           device=dev)
+        for j, t in enumerate(rows):
+            if t is not None:
+                order[j, :, :t.shape[-1]] = t
+        return TokenFeatures(order, self.prompt_lens)
+
+
+@dataclass
 class SparseGroup:
     policy: str
     tok: torch.Tensor          # [Rs]
@@ -78,6 +99,7 @@ class SparseGroup:
     traced: list[tuple[int, RequestState, int]] = field(default_factory=list)  # (row, request, units) to trace
     trace_acc: tuple[torch.Tensor, ...] | None = None   # [Rs, S] hits, scores, attention mass (trace mode)
     paged: PagedGroup | None = None     # set when the group attends whole blocks (``attention`` config)
+    tokens: GroupTokens | None = None   # token-level policies (SnapKV): the rows' prefill choice
     rows: slice | None = None           # ``tok`` as a slice when contiguous (views instead of copies)
 
 
@@ -98,7 +120,8 @@ class StepPlan:
 
 
 def unit_kind() -> str:
-    return "pages" if STATE.cfg.policy == "quest" else STATE.cfg.segmentation
+    """The segmenter of the server's units: sentences by the configured segmentation, or the units' own name."""
+    return STATE.cfg.segmentation if STATE.units == "sentences" else STATE.units
 
 
 def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
@@ -124,7 +147,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
         elif q1 - q0 == 1 and req.indexed:
             n_sent = _plan_decode(book, req, row, q0, total)
             policy = req.cfg.policy
-            if policy != "full" and total > req.cfg.budget:
+            if not policies.get(policy).dense and total > req.cfg.budget:
                 sparse_rows.setdefault(policy, []).append((i, req, q0, n_sent))
             else:
                 dense_rows.append(i)
@@ -259,7 +282,9 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
         block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
         width=int(min(budgets.max(), totals.max())),
         host_slots=None if host_slots is None else host_slots.to(dev), reqs=reqs, traced=traced)
-    if _paged(builder, budgets, traced):
+    if policies.get(policy).token_level:
+        group.tokens = GroupTokens(reqs, torch.tensor([req.prompt_len for req in reqs], device=dev))
+    if policies.get(policy).paged and _paged(builder, budgets, traced):
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
         if host_slots is not None and not _hot_sets_hold(group.paged.plan, reqs):
             group.paged = None

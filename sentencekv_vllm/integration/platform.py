@@ -18,6 +18,7 @@ import functools
 import os
 from typing import Any
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 from sentencekv_vllm.integration.compat import install_request_validator
 from sentencekv_vllm.integration.log import get_logger
@@ -277,11 +278,11 @@ def keep_attention_out_of_cuda_graphs(vllm_config: Any) -> None:
 
 def validate_request_args(cfg: SentenceKVConfig, max_model_len: int, extra_args: dict[str, Any]) -> None:
     """Per-request ``sentencekv_*`` overrides: same rules as the server config, plus the budget must not exceed
-    ``max_model_len`` and the policy must use the server's unit kind (sentences vs Quest pages)."""
+    ``max_model_len`` and the policy must use the server's units (``policies.compatible``: sentences vs pages)."""
     req = cfg.with_request_overrides(extra_args)
     if req.budget > max_model_len:
         raise SentenceKVConfigError("budget", f"must be <= max_model_len ({max_model_len}), got {req.budget}")
-    if (req.policy == "quest") != (cfg.policy == "quest"):
+    if not policies.compatible(req.policy, cfg.policy):
         raise SentenceKVConfigError("policy", f"{req.policy!r} cannot be requested on a server running "
                                     f"policy {cfg.policy!r} (different index units)")
 

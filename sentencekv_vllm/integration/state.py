@@ -2,12 +2,14 @@
 
 Layout of the pools (``L`` layers, ``Hk``/``Hq`` KV/query heads, ``D`` head dim), all on the model's device:
 
-* unit pool, ``[L, P, Hk, D]``: one row per sentence (or Quest page) of every live request. ``feat_a`` holds the
-  centroid (Quest: min key), ``feat_b`` the Quest max key, ``valid`` ``[L, P, Hk]`` whether a head may select it.
-  A request owns a list of unit slots, like a block table; slots return to a free list on finish/abort.
-* running sums, ``[L, max_num_seqs, Hk, D]``: per request slot, the sum of the open sentence's queries (over each
-  KV head's query group; decode
-  query) and keys (its centroid once it closes).
+* unit pool, ``[L, P, Hk, D]`` per feature slot: one row per sentence (or Quest page) of every live request; the
+  slots are those of the policies sharing the server's units (``policies.pool_slots``: ``centroid``, or
+  ``key_min`` / ``key_max``), ``valid`` ``[L, P, Hk]`` whether a head may select it. A request owns a list of unit
+  slots, like a block table; slots return to a free list on finish/abort.
+* running statistics, ``[L, max_num_seqs, Hk, D]``: per request slot, the sum of the open sentence's queries (over
+  each KV head's query group; decode query) and the open unit's key statistics (``key_sum``, which becomes its
+  centroid once it closes; Quest: ``key_min`` / ``key_max``).
+* token-level policies (SnapKV) keep their prefill choice per request (``RequestState.tokens``).
 
 Centroids are a side pool rather than KV blocks: they are tiny (``S x Hk x D`` per layer), need float32 and are
 rewritten per layer in the forward. Their bytes (``nbytes``, exported as ``sentencekv_index_bytes``) are not
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
 from sentencekv_vllm.integration import metrics, trace
@@ -52,6 +55,7 @@ class RequestState:
     hot: HotSet | None = None                   # device blocks caching host blocks (two-tier memory)
     trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0 or sentencekv_trace)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
+    tokens: torch.Tensor | None = None          # [L, Hk, K] token-level policy features (Policy.build_tokens)
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def unit_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,31 +72,43 @@ class RequestState:
 
 
 class UnitStore:
-    """The pooled tensors; grown (doubling) by the planner between steps, never inside a forward."""
+    """The pooled tensors; grown (doubling) by the planner between steps, never inside a forward.
+
+    ``units[slot]`` ``[L, P, Hk, D]``: the unit features of the server's policies (``sentencekv``: ``centroid``;
+    ``quest``: ``key_min`` / ``key_max``), ``valid`` ``[L, P, Hk]``. ``open[slot]`` ``[L, max_reqs, Hk, D]``: running
+    statistics of each request's open unit (``key_sum``; ``key_min`` / ``key_max``), ``qsum`` the open sentence's
+    query sum over each KV head's query group (selection scores a KV head with its group's mean query).
+    """
 
     def __init__(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int, max_reqs: int,
-                 device: torch.device, quest: bool) -> None:
+                 device: torch.device, unit_slots: tuple[str, ...] = (),
+                 open_slots: tuple[str, ...] = ()) -> None:
         self.dims = (num_layers, num_kv_heads, num_heads, head_dim)
         self.device = device
-        self.quest = quest
         f32 = dict(dtype=torch.float32, device=device)
-        self.feat_a = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, head_dim, **f32)
-        self.feat_b = torch.zeros_like(self.feat_a) if quest else None
+        self.units = {name: torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, head_dim, **f32)
+                      for name in unit_slots}
         self.valid = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, dtype=torch.bool, device=device)
-        # summed over each KV head's query group too: selection scores a KV head with its group's mean query
         self.qsum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
-        self.ksum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
-        self.kmax = torch.zeros_like(self.ksum) if quest else None   # quest: ksum holds the running min
+        self.open = {name: torch.zeros_like(self.qsum) for name in open_slots}
         self.free_units = list(range(_INITIAL_UNITS - 1, -1, -1))
         self.free_slots = list(range(max_reqs - 1, -1, -1))
 
     @property
     def capacity(self) -> int:
-        return self.feat_a.shape[1]
+        return self.valid.shape[1]
 
     def nbytes(self) -> int:
-        tensors = [self.feat_a, self.feat_b, self.valid, self.qsum, self.ksum, self.kmax]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [*self.units.values(), self.valid, self.qsum, *self.open.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def unit_rows(self, lyr: int, unit_slots: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """``{slot: features}`` of the given unit-pool rows of one layer."""
+        return {name: self.units[name][lyr, unit_slots] for name in names}
+
+    def open_rows(self, lyr: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{slot: running statistics}`` of the given request slots of one layer."""
+        return {name: t[lyr, slots] for name, t in self.open.items()}
 
     def alloc_slot(self) -> int:
         """A request slot (row of the running sums). Live requests never exceed ``max_num_seqs`` (preempted ones
@@ -102,7 +118,8 @@ class UnitStore:
             old = self.qsum.shape[1]
             get_logger(__name__).warning("SentenceKV: more requests with state than max_num_seqs (%d); growing "
                                          "the request-slot pool", old)
-            self.qsum, self.ksum, self.kmax = (_grow_rows(t, 2 * old) for t in (self.qsum, self.ksum, self.kmax))
+            self.qsum = _grow_rows(self.qsum, 2 * old)
+            self.open = {name: _grow_rows(t, 2 * old) for name, t in self.open.items()}
             self.free_slots.extend(range(2 * old - 1, old - 1, -1))
         return self.free_slots.pop()
 
@@ -118,22 +135,13 @@ class UnitStore:
 
     def _grow(self) -> None:
         old = self.capacity
-
-        def grow(t: torch.Tensor | None) -> torch.Tensor | None:
-            if t is None:
-                return None
-            new = torch.zeros((t.shape[0], 2 * old, *t.shape[2:]), dtype=t.dtype, device=t.device)
-            new[:, :old] = t
-            return new
-
-        self.feat_a, self.feat_b, self.valid = grow(self.feat_a), grow(self.feat_b), grow(self.valid)
+        self.units = {name: _grow_rows(t, 2 * old) for name, t in self.units.items()}
+        self.valid = _grow_rows(self.valid, 2 * old)
         self.free_units.extend(range(2 * old - 1, old - 1, -1))
 
 
-def _grow_rows(t: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+def _grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` with dim 1 zero-extended to ``rows``."""
-    if t is None:
-        return None
     new = torch.zeros((t.shape[0], rows, *t.shape[2:]), dtype=t.dtype, device=t.device)
     new[:, :t.shape[1]] = t
     return new
@@ -154,6 +162,11 @@ class WorkerState:
         self.lock = threading.Lock()
         self._segmenters: dict[str, Any] = {}
 
+    @property
+    def units(self) -> str:
+        """The units every request's index is built on (those of the server's policy)."""
+        return policies.get(self.cfg.policy).units
+
     def configure(self, runner: Any, vllm_config: Any) -> None:
         self.runner, self.vllm_config = runner, vllm_config
         self.cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
@@ -163,7 +176,7 @@ class WorkerState:
         if self.store is None:
             max_reqs = self.vllm_config.scheduler_config.max_num_seqs
             self.store = UnitStore(num_layers, num_kv_heads, num_heads, head_dim, max_reqs, device,
-                                   quest=self.cfg.policy == "quest")
+                                   *policies.pool_slots(self.units))
         return self.store
 
     def request_config(self, extra_args: dict[str, Any] | None) -> SentenceKVConfig:
@@ -174,10 +187,10 @@ class WorkerState:
         except SentenceKVConfigError as err:
             get_logger(__name__).warning("ignoring per-request SentenceKV override: %s", err)
             return self.cfg
-        if (cfg.policy == "quest") != (self.cfg.policy == "quest"):
+        if not policies.compatible(cfg.policy, self.cfg.policy):
             get_logger(__name__).warning(
                 "per-request policy %r needs %s units; the server runs %r; ignoring the override",
-                cfg.policy, "page" if cfg.policy == "quest" else "sentence", self.cfg.policy)
+                cfg.policy, policies.get(cfg.policy).units, self.cfg.policy)
             return self.cfg.with_request_overrides({k: v for k, v in (extra_args or {}).items()
                                                     if k != "sentencekv_policy"})
         return cfg

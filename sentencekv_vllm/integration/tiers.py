@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.log import get_logger
@@ -89,7 +90,7 @@ class EngineTier:
     def spill_range(self, req_id: str, processed: int) -> tuple[int, int]:
         """Logical blocks that may leave the device now: ``[first, last)``; empty while the request is dense."""
         tier = self.requests.get(req_id)
-        if tier is None or tier.policy == "full" or processed < max(tier.dense_until, tier.budget):
+        if tier is None or policies.get(tier.policy).dense or processed < max(tier.dense_until, tier.budget):
             return 0, 0
         first = -(-self.cfg.sinks // self.block_size)
         last = max(first, (processed - self.cfg.recent) // self.block_size)

@@ -13,15 +13,16 @@ from sentencekv_vllm.integration.state import UnitStore
 
 def test_request_slots_grow_instead_of_failing_and_keep_their_sums():
     store = UnitStore(num_layers=2, num_kv_heads=1, num_heads=3, head_dim=4, max_reqs=2,
-                      device=torch.device("cpu"), quest=True)
+                      device=torch.device("cpu"), unit_slots=("key_min", "key_max"),
+                      open_slots=("key_min", "key_max"))
     a, b = store.alloc_slot(), store.alloc_slot()
     store.qsum[:, a] = 1.0
-    store.ksum[:, b] = 2.0
-    store.kmax[:, b] = 3.0
+    store.open["key_min"][:, b] = 2.0
+    store.open["key_max"][:, b] = 3.0
     c = store.alloc_slot()
     assert len({a, b, c}) == 3 and store.qsum.shape[1] == 4
-    assert store.kmax.shape[1] == 4 and store.ksum.shape[1] == 4
-    assert bool((store.qsum[:, a] == 1).all()) and bool((store.ksum[:, b] == 2).all())
-    assert bool((store.kmax[:, b] == 3).all()) and bool((store.qsum[:, c] == 0).all())
+    assert store.open["key_max"].shape[1] == 4 and store.open["key_min"].shape[1] == 4
+    assert bool((store.qsum[:, a] == 1).all()) and bool((store.open["key_min"][:, b] == 2).all())
+    assert bool((store.open["key_max"][:, b] == 3).all()) and bool((store.qsum[:, c] == 0).all())
     store.free_slots.append(c)
     assert store.alloc_slot() == c

@@ -12,7 +12,8 @@ from sentencekv_vllm.core.index import (
     sentence_centroids,
     snapkv_importance,
 )
-from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch, UnitFeatures, group_mean_query, select
+from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch, UnitFeatures, group_mean_query
+from sentencekv_vllm.policies import select
 
 HQ, HK, D = 9, 3, 64
 SCALE = D ** -0.5
@@ -187,7 +188,7 @@ def test_gathered_attention_matches_masked(gen):
 @pytest.mark.parametrize("policy", ["sentencekv", "streaming", "quest"])
 def test_select_positions_equals_mask(gen, policy):
     """The decode hot path (segment arithmetic) selects exactly the tokens of the reference mask."""
-    from sentencekv_vllm.core.selection import select_positions
+    from sentencekv_vllm.policies import select_positions
 
     lens = [900, 2000, 333, 1200]
     spans = [random_spans(t, gen) for t in lens]
