@@ -57,8 +57,8 @@ def header(cfg: dict[str, Any]) -> list[str]:
             f"Model {model}, budget τ = {_used(cfg, 'budget', sparse)} tokens, dtype {cfg['dtype']}, block size "
             f"{_used(cfg, 'block_size', cfg.get('policies', []))}, {where}; {machine}, "
             f"{'quick' if cfg['quick'] else 'full'} mode, {cfg['date']}, wall {cfg.get('wall_s')} s.",
-            f"{full}; sentencekv / streaming / quest = the SENTENCEKV backend at the same budget, selected per "
-            "request (`vllm_xargs`).", ""]
+            f"{full}; {' / '.join(sparse) or 'the other policies'} = the SENTENCEKV backend at the same budget, "
+            "selected per request (`vllm_xargs`; a policy with other units, such as quest, on its own server).", ""]
 
 
 def render(results: dict[str, Any]) -> str:
