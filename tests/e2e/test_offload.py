@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", *SKV)
 
 
-def complete(client, prompt: str, max_tokens: int = 32) -> str:
-    res = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0)
+def complete(client, prompt: str, max_tokens: int = 32, **xargs) -> str:
+    res = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                    extra_body={"vllm_xargs": xargs} if xargs else None)
     return res.choices[0].text
 
 
@@ -40,7 +41,7 @@ def resident_outputs(model_path, identity_prompts):
 
 
 def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, identity_prompts, resident_outputs):
-    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_HOST), metrics=True) as srv:
+    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_HOST)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
         alone = [complete(client, p) for p in identity_prompts]
         with ThreadPoolExecutor(len(identity_prompts)) as pool:
@@ -56,7 +57,7 @@ def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, ident
 
 def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, identity_prompts, resident_outputs):
     """A host tier of three fp32 blocks: the first spills take it, every other block stays on the device."""
-    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_FULL_TIER), metrics=True) as srv:
+    with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_FULL_TIER)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
         with ThreadPoolExecutor(len(identity_prompts)) as pool:
             together = list(pool.map(lambda p: complete(client, p), identity_prompts))
@@ -72,7 +73,7 @@ SMALL_POOL = (*F32, "--max-model-len", "4096", "--block-size", "128", "--num-gpu
               "--max-num-seqs", "16")
 
 
-def max_running_during(srv, prompt_list: list[str], max_tokens: int) -> tuple[float, list[str]]:
+def max_running_during(srv, prompt_list: list[str], max_tokens: int, **xargs) -> tuple[float, list[str]]:
     client = openai.OpenAI(base_url=srv.v1, api_key="x", timeout=600)
     peak, done = 0.0, threading.Event()
 
@@ -86,7 +87,7 @@ def max_running_during(srv, prompt_list: list[str], max_tokens: int) -> tuple[fl
     sampler.start()
     try:
         with ThreadPoolExecutor(len(prompt_list)) as pool:
-            outs = list(pool.map(lambda p: complete(client, p, max_tokens), prompt_list))
+            outs = list(pool.map(lambda p: complete(client, p, max_tokens, **xargs), prompt_list))
     finally:
         done.set()
         sampler.join()
@@ -95,11 +96,11 @@ def max_running_during(srv, prompt_list: list[str], max_tokens: int) -> tuple[fl
 
 def test_small_pool_decodes_more_requests_concurrently(model_path, tokenizer):
     """40 blocks x 128 tokens; each prompt needs 24 blocks: FULL runs one at a time, SentenceKV keeps ~4 blocks
-    per decoding request on the device (sinks, recent window, one hot-set block) and the rest on the host."""
+    per decoding request on the device (sinks, recent window, one hot-set block) and the rest on the host.
+    One server: FULL is the per-request ``full`` policy, which keeps every block on the device as stock does."""
     batch = [prompts.long_prompt(tokenizer, 3000, 30_000 + 97_000 * i) for i in range(6)]
-    with vllm_server(model_path, *SMALL_POOL, metrics=True) as full:
-        full_peak, _ = max_running_during(full, batch, 48)
-    with vllm_server(model_path, *SMALL_POOL, *SKV, *additional_config(servers.SMALL_POOL), metrics=True) as skv:
+    with vllm_server(model_path, *SMALL_POOL, *SKV, *additional_config(servers.SMALL_POOL)) as skv:
+        full_peak, _ = max_running_during(skv, batch, 48, sentencekv_policy="full")
         skv_peak, outs = max_running_during(skv, batch, 48)
         time.sleep(2)
         idle = skv.metrics()
