@@ -25,7 +25,6 @@ RUN (getent group 1000 >/dev/null || groupadd --gid 1000 vllm) \
 
 ENV MODEL=meta-llama/Llama-3.1-8B-Instruct \
     SENTENCEKV_CONFIG=/opt/sentencekv_vllm/configs/llama-3.1-8b-32k.yaml \
-    PROMETHEUS_MULTIPROC_DIR=/tmp/sentencekv-prometheus \
     HOME=/cache/home \
     USER=vllm \
     XDG_CACHE_HOME=/cache \

@@ -137,7 +137,7 @@ def check_identity(model: str, tokenizer: Any, out: Path) -> list[Row]:
     logs: dict[str, str] = {}
     for name, args in (("stock-default", ()), ("stock-piecewise", STOCK_PIECEWISE),
                        ("sentencekv-8192", sentencekv({"budget": 8192}))):
-        with vllm_server(model, *COMMON, *args, timeout=START_TIMEOUT, metrics=True) as srv:
+        with vllm_server(model, *COMMON, *args, timeout=START_TIMEOUT) as srv:
             outputs[name] = run_all(client_for(srv), cases, 64)
             dense = metric(srv.metrics(), "sentencekv_dense_decode_rows_total")
             logs[name] = keep_log(srv, out, name)
@@ -163,7 +163,7 @@ def check_needle_and_speed(model: str, tokenizer: Any, out: Path, checks: set[st
     rows: list[Row] = []
     ref: dict[str, Any] = {}
     cases = needle_cases(tokenizer)
-    with vllm_server(model, *COMMON, *sentencekv({"budget": 512}), timeout=START_TIMEOUT, metrics=True) as srv:
+    with vllm_server(model, *COMMON, *sentencekv({"budget": 512}), timeout=START_TIMEOUT) as srv:
         client = client_for(srv)
         if "needle" in checks or "host" in checks:
             ref["sentencekv"] = run_all(client, cases, 24)
@@ -210,7 +210,7 @@ def usage_while_decoding(srv: Server, client: openai.OpenAI, prompt: str, policy
 def check_host_tier(model: str, tokenizer: Any, out: Path, checks: set[str], ref: dict) -> list[Row]:
     rows: list[Row] = []
     cfg = {"budget": 512, "offload": "host", "host_pool_gib": 4.0}
-    with vllm_server(model, *COMMON, *SMALL_POOL, *sentencekv(cfg), timeout=START_TIMEOUT, metrics=True) as srv:
+    with vllm_server(model, *COMMON, *SMALL_POOL, *sentencekv(cfg), timeout=START_TIMEOUT) as srv:
         client = client_for(srv)
         if "host" in checks:
             long = long_prompts(tokenizer, 1)[0]

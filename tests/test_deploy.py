@@ -149,3 +149,21 @@ def test_grafana_dashboard_uses_exported_series():
     assert "vllm:time_to_first_token_seconds_bucket" in exprs
     ds = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
     assert ds["datasources"][0]["uid"] == {t["datasource"]["uid"] for t in dash["panels"]}.pop()
+
+
+def test_grafana_dashboard_selects_model_and_never_sums_a_gauge():
+    """Issue #17: every query is filtered by the dashboard's ``model_name`` variable (vLLM's label, which the
+    sentencekv_* series carry too), and gauges are shown per replica: a sum of e.g. KV usage % or host blocks over
+    replicas means nothing."""
+    from sentencekv_vllm.integration.metrics import ATTENDED_MAX, BUDGET, GAUGE, SERIES
+
+    dash = json.loads((DEPLOY / "grafana" / "dashboards" / "sentencekv.json").read_text())
+    assert [v["name"] for v in dash["templating"]["list"]] == ["model_name"]
+    gauges = {s.name for s in SERIES if s.kind == GAUGE} | {BUDGET, ATTENDED_MAX, "vllm:num_requests_running",
+                                                              "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    for expr in exprs:
+        assert 'model_name=~"$model_name"' in expr, expr
+        for gauge in gauges:
+            assert not re.search(r"\bsum\s*(by\s*\([^)]*\)\s*)?\(\s*" + re.escape(gauge) + r"\b", expr), expr
+    assert any("sentencekv_host_blocks" in e for e in exprs) and any("kv_cache_usage_perc" in e for e in exprs)

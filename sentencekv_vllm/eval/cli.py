@@ -349,7 +349,7 @@ def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
             common = ["--dtype", spec.dtype, "--max-model-len", str(max_len), "--block-size", "128",
                       "--served-model-name", "model", "--num-gpu-blocks-override", str(pool_blocks),
                       *(["--enforce-eager"] if spec.enforce_eager else []), *spec.extra_args]
-            with vllm_server(spec.model, *common, *extra, metrics=True) as srv:
+            with vllm_server(spec.model, *common, *extra) as srv:
                 engine = Engine(srv, "full" if hot is None else "sentencekv")
                 row = {"ctx": ctx, "engine": name, "pool_blocks": pool_blocks, "requests": len(batch),
                        "blocks_per_request": serving.device_blocks_per_request(engine, batch[0], 48),

@@ -23,6 +23,7 @@ BASE_ENV = {
     "VLLM_LOGGING_LEVEL": "INFO",
     "TOKENIZERS_PARALLELISM": "false",
 }
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def free_port() -> int:
@@ -32,8 +33,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, metrics_dir: str | None) -> None:
-        self.url, self.proc, self.log, self.metrics_dir = url, proc, log, metrics_dir
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path) -> None:
+        self.url, self.proc, self.log = url, proc, log
 
     @property
     def v1(self) -> str:
@@ -47,16 +48,15 @@ class Server:
 
 
 @contextmanager
-def vllm_server(model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300,
-                metrics: bool = False) -> Iterator[Server]:
-    """``vllm serve model *args`` on a free loopback port; yields once ``/health`` answers."""
+def vllm_server(model: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Iterator[Server]:
+    """``vllm serve model *args`` on a free loopback port; yields once ``/health`` answers.
+
+    ``PROMETHEUS_MULTIPROC_DIR`` is not inherited (only ``env`` can set it): the sentencekv_* series must reach
+    ``/metrics`` on a plain server, and the tests that read them prove it."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
-    full_env = {**os.environ, **BASE_ENV, **(env or {})}
-    metrics_dir = None
-    if metrics:
-        metrics_dir = tempfile.mkdtemp(prefix="prom-")
-        full_env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    full_env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
+    full_env.update({**BASE_ENV, **(env or {})})
     cmd = [str(VENV_BIN / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
@@ -74,7 +74,7 @@ def vllm_server(model: str, *args: str, env: dict[str, str] | None = None, timeo
             if time.time() > deadline:
                 raise TimeoutError(f"vllm serve not ready after {timeout}s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield Server(url, proc, log, metrics_dir)
+        yield Server(url, proc, log)
     finally:
         stop(proc)
 

@@ -1,10 +1,15 @@
-"""Extension point: the KV connector API (v1), used as the scheduler -> worker channel of the host tier.
+"""Extension point: the KV connector API (v1): the host tier's scheduler -> worker channel, and the metrics path.
 
-Scheduler role (EngineCore): registers the spec/manager pair, learns each request's budget/policy
-(``get_num_new_matched_tokens``), and ships the manager's spill decisions and host-slot releases in the step's
-connector metadata. Worker role: ``handle_preemptions`` runs first in ``execute_model``, before the forward, so the
-copies to host happen before any freed block can be overwritten; it also updates each request's host-block map
-used by the sparse gather. No external KV is ever loaded: ``get_num_new_matched_tokens`` always answers 0.
+Attached to every SentenceKV server (``platform.prepare_config``), because vLLM's supported way to get
+worker-side statistics onto the API server's ``/metrics`` is the connector's stats (``get_kv_connector_stats`` /
+``build_kv_connector_stats`` / ``build_prom_metrics``, see :mod:`~sentencekv_vllm.integration.metrics`).
+
+With ``offload: host`` it also carries the host tier. Scheduler role (EngineCore): registers the spec/manager pair,
+learns each request's budget/policy (``get_num_new_matched_tokens``), and ships the manager's spill decisions and
+host-slot releases in the step's connector metadata. Worker role: ``handle_preemptions`` runs first in
+``execute_model``, before the forward, so the copies to host happen before any freed block can be overwritten; it
+also updates each request's host-block map used by the sparse gather. Without the host tier those hooks do
+nothing. No external KV is ever loaded: ``get_num_new_matched_tokens`` always answers 0.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
 from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.tiers import ENGINE, HostPool, host_block_bytes
 
@@ -34,10 +40,12 @@ class SentenceKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self.cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
+        self.tiered = self.cfg.offload == "host"
+        metrics.enable(self.cfg.stats)
         self.host_capacity = 0
-        if kv_cache_config is not None:
+        if kv_cache_config is not None and self.tiered:
             self.host_capacity = int(self.cfg.host_pool_gib * 2**30) // max(1, host_block_bytes(kv_cache_config))
-        if role == KVConnectorRole.SCHEDULER:
+        if role == KVConnectorRole.SCHEDULER and self.tiered:
             from sentencekv_vllm.integration import kv_spec
 
             kv_spec.register()
@@ -51,28 +59,58 @@ class SentenceKVConnector(KVConnectorBase_V1):
     # -- scheduler side ------------------------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        ENGINE.on_request(request.request_id, request.sampling_params.extra_args, request.num_tokens)
+        if self.tiered:
+            ENGINE.on_request(request.request_id, request.sampling_params.extra_args, request.num_tokens)
         return 0, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         return None
 
     def build_connector_meta(self, scheduler_output: Any) -> SentenceKVConnectorMetadata:
+        if not self.tiered:
+            return SentenceKVConnectorMetadata()
         spills, releases = ENGINE.take_pending()
         return SentenceKVConnectorMetadata(spills=spills, releases=releases, host_used=ENGINE.host_used)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        ENGINE.forget(request.request_id)
+        if self.tiered:
+            ENGINE.forget(request.request_id)
         return False, None
+
+    # -- both roles: statistics (this process's collector, drained every step) -----------------------------
+
+    def get_kv_connector_stats(self) -> metrics.SentenceKVStats | None:
+        """Called by vLLM every step: in the worker after the forward (or in a step without one), in EngineCore
+        from ``update_from_output``. Gauges are re-read here so they are exact also when the engine goes idle."""
+        if self.role == KVConnectorRole.WORKER:
+            metrics.snapshot_worker()
+        elif self.tiered:
+            metrics.snapshot_scheduler(ENGINE.host_used)
+        return metrics.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> metrics.SentenceKVStats:
+        """API server: rebuild the stats from the payload vLLM shipped (for its periodic log line)."""
+        return metrics.stats_from_payload(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> metrics.SentenceKVPromMetrics:
+        """API server: the ``sentencekv_*`` series, registered next to vLLM's own."""
+        return metrics.SentenceKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- worker side ---------------------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        if not self.tiered:
+            return
         from sentencekv_vllm.integration.state import STATE
 
         STATE.host = HostPool(kv_caches, self.host_capacity)
 
     def handle_preemptions(self, metadata: SentenceKVConnectorMetadata) -> None:
+        if not self.tiered:
+            return
         from sentencekv_vllm.integration.state import STATE
 
         STATE.apply_tier_changes(metadata.spills, metadata.releases, metadata.host_used)
@@ -91,5 +129,5 @@ class SentenceKVConnector(KVConnectorBase_V1):
 
 
 def transfer_config() -> dict[str, Any]:
-    """The ``--kv-transfer-config`` that ``offload: host`` installs."""
+    """The ``--kv-transfer-config`` every SentenceKV server gets (metrics; the host tier with ``offload: host``)."""
     return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both"}

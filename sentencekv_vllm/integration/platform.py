@@ -161,8 +161,7 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
         cache.enable_prefix_caching = False
     select_v1_model_runner(vllm_config)
     keep_attention_out_of_cuda_graphs(vllm_config)
-    if cfg.offload == "host":
-        _install_connector(vllm_config)
+    _install_connector(vllm_config, cfg)
     from sentencekv_vllm.integration.trace import trace_dir
 
     trace_dir(cfg.trace_dir)    # an operator's trace directory (if any) is created here, failing early if bad
@@ -287,15 +286,23 @@ def validate_request_args(cfg: SentenceKVConfig, max_model_len: int, extra_args:
                                     f"policy {cfg.policy!r} (different index units)")
 
 
-def _install_connector(vllm_config: Any) -> None:
-    """``offload: host`` rides on the KV connector API (scheduler -> worker metadata each step)."""
+def _install_connector(vllm_config: Any, cfg: SentenceKVConfig) -> None:
+    """Attach the SentenceKV KV connector to every SentenceKV server: ``offload: host`` rides on it (scheduler ->
+    worker metadata each step), and it is vLLM's supported route for worker-side statistics to reach the API
+    server's ``/metrics`` (KV-connector stats). Another connector is refused with the host tier; without it, the
+    user's connector is kept and the ``sentencekv_*`` series are not exported (logged)."""
     from vllm.config import KVTransferConfig
 
     from sentencekv_vllm.integration.connector import CONNECTOR_NAME, transfer_config
 
     current = vllm_config.kv_transfer_config
     if current is not None and current.kv_connector not in (None, CONNECTOR_NAME):
-        raise ValueError(f"sentencekv.offload: 'host' uses its own KV connector; it cannot be combined with "
-                         f"--kv-transfer-config kv_connector={current.kv_connector!r}")
-    if current is None:
+        if cfg.offload == "host":
+            raise ValueError(f"sentencekv.offload: 'host' uses its own KV connector; it cannot be combined with "
+                             f"--kv-transfer-config kv_connector={current.kv_connector!r}")
+        get_logger(__name__).warning("SentenceKV: --kv-transfer-config kv_connector=%r is kept; the sentencekv_* "
+                                     "metrics travel through SentenceKV's own connector and are not exported.",
+                                     current.kv_connector)
+        return
+    if current is None or current.kv_connector is None:
         vllm_config.kv_transfer_config = KVTransferConfig(**transfer_config())

@@ -49,7 +49,7 @@ def wait_until(srv, predicate, timeout: float = 120) -> str:
 def test_preempted_sparse_requests_release_both_tiers_and_finish(model_path, tokenizer):
     sparse = [prompts.long_prompt(tokenizer, 900, 50_000 + 61_000 * i) for i in range(3)]
     dense = [prompts.long_prompt(tokenizer, 280, 700_000 + 13_000 * i) for i in range(5)]
-    with vllm_server(model_path, *ARGS, metrics=True) as srv:
+    with vllm_server(model_path, *ARGS) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x", max_retries=0, timeout=600)
         with ThreadPoolExecutor(len(sparse) + len(dense)) as pool:
             low = [pool.submit(generate, client, p, SPARSE_TOKENS, 10) for p in sparse]

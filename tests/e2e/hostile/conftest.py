@@ -45,7 +45,7 @@ def spacy_pipeline():
 def server(model_path, trace_dir, spacy_pipeline):
     env = {"SENTENCEKV_CHECK_SLOTS": "1", "VLLM_PLUGINS": "sentencekv,sentencekv_inspector", "VLLM_API_KEY": ""}
     cfg = {**HOSTILE, "trace_dir": str(trace_dir), "spacy_model": spacy_pipeline}
-    with vllm_server(model_path, *ARGS, *additional_config(cfg), env=env, metrics=True) as srv:
+    with vllm_server(model_path, *ARGS, *additional_config(cfg), env=env) as srv:
         yield srv
 
 

@@ -60,7 +60,7 @@ def shared(model_path, stock_outputs):
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="skv-shared-tmp-") as tmp:
         env = {"VLLM_PLUGINS": "sentencekv,sentencekv_inspector", "TMPDIR": tmp}
-        with vllm_server(model_path, *SHARED_ARGS, *SKV, *additional_config(SHARED), env=env, metrics=True) as srv:
+        with vllm_server(model_path, *SHARED_ARGS, *SKV, *additional_config(SHARED), env=env) as srv:
             yield Shared(srv, Path(tmp), started)
 
 

@@ -8,12 +8,17 @@ Token-identity checks run in float32 (bf16 has near-ties and stock vLLM on CPU i
 from __future__ import annotations
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 
+from sentencekv_vllm.eval.launch import MULTIPROC_ENV
+from sentencekv_vllm.eval.serving import samples
 from tests import prompts
+from tests.e2e.servers import MODEL_NAME
 from tests.server import metric
 
 pytestmark = pytest.mark.slow
@@ -25,9 +30,11 @@ def _healthy(shared) -> None:
 
 
 def _attended_buckets(text: str) -> dict[str, float]:
+    """Cumulative bucket counts by ``le`` (summed over vLLM's ``model_name`` / ``engine`` labels)."""
     found: dict[str, float] = {}
-    for m in re.finditer(r'^sentencekv_attended_tokens_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', text, re.M):
-        found[m.group(1)] = found.get(m.group(1), 0.0) + float(m.group(2))
+    for s in samples(text):
+        if s.name == "sentencekv_attended_tokens_bucket":
+            found[s.labels["le"]] = found.get(s.labels["le"], 0.0) + s.value
     return found
 
 
@@ -94,12 +101,33 @@ def test_needle_found_by_sentencekv_missed_by_streaming(shared, needle, traced_n
     _healthy(shared)
 
 
+def test_snapkv_baseline_per_request(shared, tokenizer):
+    """Issue #16: the SnapKV baseline (``policies/snapkv.py``) chosen per request on the sentence server. It runs
+    (on the exact path even at a budget where ``auto`` pages: its choice is per token), every sparse step attends
+    at most the budget, the output is text, and the server stays healthy."""
+    prompt = prompts.long_prompt(tokenizer, 3000, 260_000, task="Who is speaking in the last line above?")
+    before = _attended_buckets(shared.metrics())
+    text = shared.text(prompt, max_tokens=48, sentencekv_policy="snapkv")
+    after = _attended_buckets(shared.metrics())
+    steps = after["+Inf"] - before.get("+Inf", 0)
+    assert steps >= 40, "sparse decode steps were not recorded"
+    assert after["512.0"] - before.get("512.0", 0) == steps, "a SnapKV step attended more tokens than the budget"
+    words = re.findall(r"[A-Za-z']+", text)
+    assert len(words) >= 5 and len(set(words)) >= 3, f"incoherent output: {text!r}"
+    _healthy(shared)
+
+
 def test_prometheus_scrapes_sentencekv_series(shared, tokenizer):
-    """Issue #7: a real Prometheus server scrapes vLLM's /metrics; the sentencekv series exist and move."""
+    """Issues #7, #17: a real Prometheus server scrapes vLLM's /metrics; the sentencekv series exist, move and
+    carry vLLM's labels, on a server started without ``PROMETHEUS_MULTIPROC_DIR`` (KV-connector stats path)."""
     from tests.prometheus import prometheus_scraping
 
+    environ = Path(f"/proc/{shared.srv.proc.pid}/environ").read_bytes().split(b"\0")
+    assert not any(v.startswith(MULTIPROC_ENV.encode() + b"=") for v in environ)
     with prometheus_scraping(shared.url) as prom:
         before = prom.wait_for("sum(sentencekv_sparse_decode_rows_total)", lambda v: v >= 0)
+        labelled = f'count(sentencekv_sparse_decode_rows_total{{model_name="{MODEL_NAME}",engine="0"}})'
+        assert prom.wait_for(labelled, lambda v: v >= 1) == 1
         assert prom.wait_for("max(sentencekv_budget_tokens)", lambda v: v > 0) == 512
         prom.wait_for("sum(vllm:num_requests_running)", lambda v: v >= 0)
         shared.text(prompts.long_prompt(tokenizer, 2000, 50_000), max_tokens=16)
@@ -107,3 +135,7 @@ def test_prometheus_scrapes_sentencekv_series(shared, tokenizer):
         assert after - before >= 15
         assert prom.wait_for("sum(sentencekv_prompt_sentences_count)", lambda v: v > 0) > 0
     assert metric(shared.metrics(), "sentencekv_sparse_decode_rows_total") >= after
+    deadline = time.time() + 30         # worker gauges are re-read in the step that retires the request
+    while metric(shared.metrics(), "sentencekv_live_requests") != 0 and time.time() < deadline:
+        time.sleep(0.5)
+    assert metric(shared.metrics(), "sentencekv_live_requests") == 0, "a worker gauge stayed stale at idle"
