@@ -3,6 +3,7 @@ needle request asked for its own trace), with a real headless Chromium rendering
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -69,12 +70,27 @@ def test_config_and_errors(shared):
                         timeout=10).status_code in (400, 422)
 
 
+def _drawn_from(doc: dict, record: dict) -> int:
+    """The kept prompt sentence a generated sentence drew the most attention from (what the page must show)."""
+    prompt = {s["id"] for s in doc["sentences"] if not s["generated"]}
+    return max((r for r in record["retrieved"] if r["sentence"] in prompt), key=lambda r: r["attention"])["sentence"]
+
+
 def test_page_renders_in_chromium(shared, traced_needle):
-    _doc(shared, traced_needle.id)
-    url = shared.url + f"/sentencekv/ui?request={traced_needle.id}"
-    dom = chromium("--dump-dom", url)
-    assert 'data-loaded="1"' in dom.stdout, dom.stderr[-2000:]
-    assert 'class="s ' in dom.stdout and " hit" in dom.stdout and "7291" in dom.stdout
+    """The page renders the trace; ``&select=K`` selects generated sentence K as a click does: the prompt pane
+    scrolls to the prompt sentence it drew most from, outlined (class ``drawn``). The screenshot shows that state
+    (copied to docs/inspector.png for the README)."""
+    doc = _doc(shared, traced_needle.id, top=8)          # the page asks for top=8 too
+    select = next((i for i, g in enumerate(doc["generated"]) if "7291" in g["text"]), len(doc["generated"]) - 1)
+    drawn = _drawn_from(doc, doc["generated"][select])
+    url = shared.url + f"/sentencekv/ui?request={traced_needle.id}&select={select}"
+    dom = chromium("--dump-dom", url).stdout
+    assert 'data-loaded="1"' in dom, dom[-2000:]
+    assert 'class="s ' in dom and " hit" in dom and "7291" in dom
+    assert f'data-selected="{select}"' in dom and f'data-drawn="{drawn}"' in dom
+    outlined = re.findall(r'class="s [^"]*\bdrawn\b[^"]*" data-sentence="(\d+)"', dom)
+    assert outlined == [str(drawn)], f"expected only sentence {drawn} outlined, got {outlined}"
+    assert re.search(r'class="gen active"', dom)
     RESULTS.mkdir(exist_ok=True)
     shot = RESULTS / "inspector.png"
     shot.unlink(missing_ok=True)
