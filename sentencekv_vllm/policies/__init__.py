@@ -14,6 +14,7 @@ from sentencekv_vllm.policies.base import Policy, PolicyConfig, TokenFeatures
 from sentencekv_vllm.policies.full import Full
 from sentencekv_vllm.policies.quest import Quest
 from sentencekv_vllm.policies.sentencekv import SentenceKV
+from sentencekv_vllm.policies.snapkv import SnapKV
 from sentencekv_vllm.policies.streaming import Streaming
 
 #: name -> policy, in the order the configuration reference lists them (the first is the default)
@@ -22,6 +23,7 @@ REGISTRY: dict[str, Policy] = {p.name: p for p in (
     Full(),
     Streaming(),
     Quest(),
+    SnapKV(),
 )}
 
 

@@ -83,7 +83,7 @@ TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -
 @pytest.mark.parametrize("values,fragment", [
     ({"budget": True}, "sentencekv.budget: must be an integer, got True"),
     ({"budget": 50}, "sentencekv.budget: must exceed sinks + recent (32 + 32), got 50"),
-    ({"policy": "h2o"}, "sentencekv.policy: must be one of ['sentencekv', 'full', 'streaming', 'quest']"),
+    ({"policy": "h2o"}, "sentencekv.policy: must be one of ['sentencekv', 'full', 'streaming', 'quest', 'snapkv']"),
     ({"attention": "flash"}, "sentencekv.attention: must be one of ['auto', 'paged', 'exact']"),
     ({"trace_requests": True}, "sentencekv.trace_requests: must be an integer"),
     ({"trace_requests": 10_000}, "sentencekv.trace_requests: must be <= 256"),

@@ -34,9 +34,9 @@ def test_quick_eval_writes_report(tmp_path: Path):
     parts = results["parts"]
     assert {"niah", "synthetic", "qa", "ppl", "lengths", "lengths_t07", "serve-bench", "memory"} <= set(parts)
     ppl = {p: rows[0]["ppl"] for p, rows in parts["ppl"]["per_policy"].items()}
-    assert len(ppl) == 4 and max(ppl.values()) < 1.05 * min(ppl.values()), ppl   # exact prefill everywhere
+    assert len(ppl) == 5 and max(ppl.values()) < 1.05 * min(ppl.values()), ppl   # exact prefill everywhere
     for part in ("niah", "synthetic"):
-        assert set(parts[part]["summary"]) == {"full", "sentencekv", "streaming", "quest"}
+        assert set(parts[part]["summary"]) == {"full", "sentencekv", "streaming", "quest", "snapkv"}
         assert "negative_share" in parts[part]["summary"]["sentencekv"]
         fidelity = parts[part]["summary"]["sentencekv"]["fidelity"]
         assert fidelity and all(0 <= f["top1_match"] <= 1 and f["n"] > 0 for f in fidelity.values()), fidelity
