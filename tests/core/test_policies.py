@@ -1,0 +1,56 @@
+"""The policy registry (``sentencekv_vllm/policies``) is what config, platform validation, the worker's pools and
+the eval harness read; and a unit's features built at decode (running statistics, closed) equal the ones the
+prefill build gives the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sentencekv_vllm import policies
+from sentencekv_vllm.config import POLICIES, SentenceKVConfig, SentenceKVConfigError
+from sentencekv_vllm.eval import engines
+from sentencekv_vllm.integration.platform import validate_request_args
+
+
+def test_config_and_eval_read_the_registry():
+    assert POLICIES == policies.names() and POLICIES[0] == SentenceKVConfig().policy
+    assert engines.POLICIES[0] == "full" and set(engines.POLICIES) == set(policies.names())
+    assert {p: engines.server_group(p) for p in engines.POLICIES} == {
+        "full": "full", "sentencekv": "sentencekv", "streaming": "sentencekv", "snapkv": "sentencekv",
+        "quest": "quest"}
+
+
+@pytest.mark.parametrize("server,request_policy,ok", [
+    ("sentencekv", "snapkv", True), ("snapkv", "sentencekv", True), ("streaming", "full", True),
+    ("sentencekv", "quest", False), ("quest", "snapkv", False), ("quest", "quest", True)])
+def test_per_request_policy_needs_the_servers_units(server, request_policy, ok):
+    cfg = SentenceKVConfig(policy=server)
+    args = {"sentencekv_policy": request_policy}
+    if ok:
+        validate_request_args(cfg, 8192, args)
+    else:
+        with pytest.raises(SentenceKVConfigError, match="different index units"):
+            validate_request_args(cfg, 8192, args)
+
+
+def test_pool_slots_follow_the_units():
+    assert policies.pool_slots("sentences") == (("centroid",), ("key_sum",))
+    assert policies.pool_slots("pages") == (("key_min", "key_max"), ("key_min", "key_max"))
+
+
+@pytest.mark.parametrize("name", ["sentencekv", "quest"])
+def test_unit_closed_at_decode_equals_prefill_build(name):
+    """Feeding a unit's keys one token at a time (``update_open``) and closing it (``close_open``) gives the
+    features ``build_units`` computes for the same span (centroid over all keys; page min / max)."""
+    policy = policies.get(name)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(7, 3, 8, generator=gen)
+    open_rows = {s: torch.zeros(1, 3, 8) for s in policy.open_slots}
+    for t in range(7):
+        open_rows = policy.update_open(open_rows, keys[t:t + 1], torch.tensor([t == 0]))
+    closed = policy.close_open(open_rows, torch.tensor([7.0]))
+    built, valid = policy.build_units(keys, torch.tensor([[0, 7]]), None, SentenceKVConfig())
+    assert valid.all() and set(closed) == set(built) == set(policy.slots)
+    for slot in policy.slots:
+        torch.testing.assert_close(closed[slot][0], built[slot][0])
