@@ -87,8 +87,9 @@ class SentenceKVConfig(BaseModel):
     pool_kernel: int = Field(7, gt=0, description="SnapKV 1-D pooling kernel (odd).")
     quest_page_size: int = Field(16, gt=0, description="Page size (tokens) of the `quest` baseline.")
     keep_unretained: bool = Field(True, description=(
-        "Sentences with no SnapKV-retained token stay retrievable (centroid over all their keys); `false` "
-        "reproduces the reference code, which discards them."))
+        "Sentences with no SnapKV-retained token stay retrievable (centroid over all their keys); `false` makes "
+        "them unselectable, as the reference code does (which also attends only the retained tokens of a "
+        "selected sentence; no setting does that here, see `policies/reference.py`)."))
     offload: Offload = Field("none", description="`host`: two-tier KV memory (see \"Two-tier memory\").")
     host_pool_gib: float = Field(4.0, gt=0, description="Size of the host tier in GiB when `offload` is `host`.")
     hot_set_factor: float = Field(1.0, ge=0, description=(
