@@ -19,7 +19,7 @@ def test_eval_against_a_running_server(tmp_path: Path, model_path: str, shared):
     out = tmp_path / "remote"
     exe = Path(sys.executable).parent / "sentencekv-eval"
     res = subprocess.run([str(exe), "all", "--base-url", shared.url, "--api-key", "x", "--model", "smollm2",
-                          "--tokenizer", model_path, "--policies", "full,sentencekv,streaming", "--out", str(out),
+                          "--tokenizer", model_path, "--policies", "full,sentencekv", "--out", str(out),
                           *servers.EVAL_SMALL_GRID], capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
