@@ -32,7 +32,7 @@ def changed_in_batch(client: openai.OpenAI, batch: list[str], **xargs) -> int:
 def test_bf16_batch_changes_no_more_than_stock(model_path, tokenizer):
     batch = [prompts.chat(tokenizer, q) for q in prompts.SHORT_QUESTIONS]
     # sparse from 256 tokens on; kept short: bf16 prefill is emulated (slow) on AVX2-only CI machines
-    batch += [prompts.long_prompt(tokenizer, n, off) for n, off in ((600, 60_000), (1000, 330_000))]
+    batch += [prompts.long_prompt(tokenizer, n, off) for n, off in ((600, 60_000), (900, 330_000), (1200, 610_000))]
     with vllm_server(model_path, *ARGS) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x", timeout=600)
         stock = changed_in_batch(client, batch, sentencekv_policy="full")
