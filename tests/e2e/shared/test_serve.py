@@ -61,17 +61,22 @@ def test_budget_covering_context_matches_stock(shared, varied, stock_outputs, to
     assert [shared.text(p, sentencekv_budget=8192) for p in varied] == stock_outputs
 
 
-def test_small_budget_bounds_attended_tokens(shared, tokenizer):
-    """Exact path (budget 192 < 8 blocks): every sparse step attends at most the budget."""
-    prompt = prompts.long_prompt(tokenizer, 3000, 200_000, task="Who is speaking in the last line above?")
+def _within_budget_and_coherent(shared, prompt: str, bucket: str, **xargs) -> None:
+    """48 tokens of ``prompt``: sparse steps were recorded, none attended above ``bucket``, the output is text."""
     before = _attended_buckets(shared.metrics())
-    text = shared.text(prompt, max_tokens=48, sentencekv_budget=192)
+    text = shared.text(prompt, max_tokens=48, **xargs)
     after = _attended_buckets(shared.metrics())
     steps = after["+Inf"] - before.get("+Inf", 0)
     assert steps >= 40, "sparse decode steps were not recorded"
-    assert after["256.0"] - before.get("256.0", 0) == steps, "a sparse step attended more tokens than the budget"
+    assert after[bucket] - before.get(bucket, 0) == steps, "a sparse step attended more tokens than the budget"
     words = re.findall(r"[A-Za-z']+", text)
     assert len(words) >= 5 and len(set(words)) >= 3, f"incoherent output: {text!r}"
+
+
+def test_small_budget_bounds_attended_tokens(shared, tokenizer):
+    """Exact path (budget 192 < 8 blocks): every sparse step attends at most the budget."""
+    prompt = prompts.long_prompt(tokenizer, 3000, 200_000, task="Who is speaking in the last line above?")
+    _within_budget_and_coherent(shared, prompt, "256.0", sentencekv_budget=192)
 
 
 @pytest.mark.parametrize("budget", [512, EXACT_BUDGET], ids=["paged", "exact"])
@@ -106,14 +111,7 @@ def test_snapkv_baseline_per_request(shared, tokenizer):
     (on the exact path even at a budget where ``auto`` pages: its choice is per token), every sparse step attends
     at most the budget, the output is text, and the server stays healthy."""
     prompt = prompts.long_prompt(tokenizer, 3000, 260_000, task="Who is speaking in the last line above?")
-    before = _attended_buckets(shared.metrics())
-    text = shared.text(prompt, max_tokens=48, sentencekv_policy="snapkv")
-    after = _attended_buckets(shared.metrics())
-    steps = after["+Inf"] - before.get("+Inf", 0)
-    assert steps >= 40, "sparse decode steps were not recorded"
-    assert after["512.0"] - before.get("512.0", 0) == steps, "a SnapKV step attended more tokens than the budget"
-    words = re.findall(r"[A-Za-z']+", text)
-    assert len(words) >= 5 and len(set(words)) >= 3, f"incoherent output: {text!r}"
+    _within_budget_and_coherent(shared, prompt, "512.0", sentencekv_policy="snapkv")
     _healthy(shared)
 
 
