@@ -352,7 +352,7 @@ def memory_benchmark(spec: EngineSpec, tokenizer, cfg: dict) -> dict[str, Any]:
             with vllm_server(spec.model, *common, *extra) as srv:
                 engine = Engine(srv, "full" if hot is None else "sentencekv")
                 row = {"ctx": ctx, "engine": name, "pool_blocks": pool_blocks, "requests": len(batch),
-                       "blocks_per_request": serving.device_blocks_per_request(engine, batch[0], 48),
+                       "blocks_per_request": serving.device_blocks_per_request(engine, batch[0], 96),
                        **serving.batch_point(engine, batch, 48)}
             rows.append(row)
             print(f"[memory] ctx={ctx} {name}: {row}", file=sys.stderr)

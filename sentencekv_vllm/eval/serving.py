@@ -59,12 +59,14 @@ def num_device_blocks(engine: Engine) -> int:
 
 
 class Sampler:
-    """Polls /metrics while a load runs: peak running requests and peak KV usage."""
+    """Polls /metrics while a load runs: peak running requests and peak KV usage, plus every usage sample with its
+    time (``usage_series``) for measurements that must line up with token arrivals."""
 
     def __init__(self, engine: Engine, period: float = 0.25) -> None:
         self.engine, self.period = engine, period
         self.peak_running = 0.0
         self.peak_usage = 0.0
+        self.usage_series: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,6 +76,7 @@ class Sampler:
             self.peak_running = max(self.peak_running, m.get("vllm:num_requests_running", 0))
             usage = m.get("vllm:kv_cache_usage_perc", 0)
             self.peak_usage = max(self.peak_usage, usage)
+            self.usage_series.append((time.perf_counter(), usage))
             time.sleep(self.period)
 
     def __enter__(self) -> "Sampler":
@@ -190,16 +193,21 @@ def poisson_load(engine: Engine, prompts: list[str], rate: float, max_tokens: in
 
 
 def device_blocks_per_request(engine: Engine, prompt: str, max_tokens: int) -> float:
-    """KV blocks one request holds on the device while it decodes alone: vLLM's usage gauge read after each
-    streamed token from the third on (prefill allocates progressively and SentenceKV spills at the first decode
-    step, so only samples taken after tokens have arrived are the steady state)."""
+    """KV blocks one request holds on the device while it decodes alone: the median of vLLM's usage gauge sampled
+    (by a poller, so a slow /metrics never holds the stream back) between the third streamed token and the last
+    (prefill allocates progressively and SentenceKV spills at the first decode step, so only samples taken after
+    tokens have arrived are the steady state). Scraping inside the stream loop measured 0 on a faster machine: the
+    server had finished while the client was still reading buffered tokens."""
     total = num_device_blocks(engine)
-    usage: list[float] = []
-    stream = engine.client.completions.create(model=engine.model, prompt=prompt, max_tokens=max_tokens,
-                                              temperature=0, stream=True, extra_body={"ignore_eos": True})
-    for n, _ in enumerate(stream):
-        if n >= 2:
-            usage.append(scrape(engine).get("vllm:kv_cache_usage_perc", 0.0))
+    stamps: list[float] = []
+    with Sampler(engine, period=0.02) as sampler:
+        stream = engine.client.completions.create(model=engine.model, prompt=prompt, max_tokens=max_tokens,
+                                                  temperature=0, stream=True, extra_body={"ignore_eos": True})
+        for _ in stream:
+            stamps.append(time.perf_counter())
+    if len(stamps) < 4:
+        return float("nan")
+    usage = [u for t, u in sampler.usage_series if stamps[2] <= t < stamps[-1]]
     return statistics.median(usage) * total if usage else float("nan")
 
 
