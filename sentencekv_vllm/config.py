@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from typing import Any, Literal, Mapping, get_args
@@ -37,8 +38,8 @@ ATTENTION_MODES = get_args(Attention)
 PAGED_MIN_BLOCKS = 8
 ADDITIONAL_CONFIG_KEY = "sentencekv"
 REQUEST_ARG_PREFIX = "sentencekv_"
-# Keys a request may override through ``vllm_xargs`` (``sentencekv_budget``, ``sentencekv_policy``).
-REQUEST_OVERRIDABLE = ("budget", "policy")
+# Keys a request may override through ``vllm_xargs`` (``sentencekv_budget``, ``sentencekv_policy``, ...).
+REQUEST_OVERRIDABLE = ("budget", "policy", "dense_below")
 # Per-request flags that are not hyper-parameters (``vllm_xargs.sentencekv_trace: true``): validated here, read by
 # the worker (:func:`sentencekv_vllm.integration.trace.wanted`).
 REQUEST_FLAGS = ("trace",)
@@ -101,6 +102,11 @@ class SentenceKVConfig(BaseModel):
         "by the stock paged kernel (no copy; `budget // block_size` blocks per KV head); `exact`: exactly the "
         "chosen tokens, gathered and attended with an exact softmax (the reference; slower); `auto`: `paged` "
         f"where the backend supports it and the budget spans >= {PAGED_MIN_BLOCKS} blocks, else `exact`."))
+    dense_below: float = Field(2.0, ge=1, description=(
+        "A decode row attends sparsely once its context reaches `dense_below x budget` tokens (and exceeds the "
+        "budget); below that the stock kernel attends the whole context, because selection there skips too little "
+        "to pay for its own cost (docs/eval/perf). `1` = sparse as soon as the context exceeds the budget. Per "
+        "request: `vllm_xargs.sentencekv_dense_below`."))
     stats: bool = Field(True, description=(
         "Collect per-step statistics (attended tokens, selection time) for metrics."))
     trace_requests: int = Field(0, ge=0, le=MAX_TRACE_REQUESTS, description=(
@@ -138,6 +144,11 @@ class SentenceKVConfig(BaseModel):
     def selection_budget(self) -> int:
         """Tokens left for sentences once sinks and the recent window are in."""
         return self.budget - self.sinks - self.recent
+
+    @property
+    def sparse_from(self) -> int:
+        """Context (tokens, the current one included) from which a decode row attends sparsely."""
+        return max(self.budget + 1, math.ceil(self.dense_below * self.budget))
 
     @property
     def semantic_budget(self) -> int:

@@ -111,12 +111,25 @@ def recency_scores(plan: BlockPlan, num_kv_heads: int) -> torch.Tensor:
 def select_blocks(scores: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """``[R, Hk, NB+1]`` block scores -> ``[R, Hk, kmax]`` ascending logical blocks (the row's last block last);
     slots beyond a row's block budget hold ``plan.trash``."""
-    # a stable sort, not topk: the blocks of one sentence tie, and topk breaks ties differently for different
-    # widths, so a row would select differently alone and in a batch; here ties go to the earlier block
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :plan.width]
+    # the blocks of one sentence tie, and topk breaks ties differently for different widths, so a row would
+    # select differently alone and in a batch: rank by an exact, unique key (score, then the earlier block) instead
+    # (a stable sort does the same at ~4x the cost of topk at batch 8)
+    top = rank_keys(scores).topk(plan.width, dim=-1).indices
     if plan.drop is not None:
         top = top.masked_fill(plan.drop, plan.trash)
     return top.sort(dim=-1).values
+
+
+def rank_keys(scores: torch.Tensor) -> torch.Tensor:
+    """float32 ``[..., N]`` -> int64 keys in the same order, ties broken towards the lower index, all distinct.
+
+    The float's bits as an int32 order like the floats once the magnitude bits of negatives are flipped; the
+    index goes into the low 32 bits.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)      # + 0.0: -0.0 ties with 0.0, as in a sort
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    cols = torch.arange(scores.shape[-1], device=scores.device)
+    return ordered * (1 << 32) + ((1 << 31) - 1 - cols)
 
 
 def head_split_tables(block_table: torch.Tensor, num_kv_heads: int, trash: int) -> torch.Tensor:

@@ -93,12 +93,16 @@ class UnitFeatures:
     """Per-unit features, padded to ``[R, S, Hk, D]``; ``valid`` ``[R, S, Hk]`` masks padding/discarded units.
 
     ``a`` / ``b`` are a policy's first / second feature slot (``Policy.features``): sentencekv's ``a`` is the
-    centroid; quest's ``a`` / ``b`` are the page's element-wise min / max key.
+    centroid; quest's ``a`` / ``b`` are the page's element-wise min / max key. ``scratch``: ``a`` / ``b`` are
+    copies the caller will not read again, so a scorer may work in them in place (the decode hot path gathers
+    them into a reused workspace; a fresh product buffer per layer costs an mmap + page faults on CPU once it
+    passes glibc's mmap threshold, several times the arithmetic at batch 8).
     """
 
     a: torch.Tensor
     valid: torch.Tensor
     b: torch.Tensor | None = None
+    scratch: bool = False
 
 
 def group_mean_query(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -127,25 +127,14 @@ class SentenceKVImplMixin:
     # -- index maintenance ---------------------------------------------------------------------------------
 
     def _update_running_sums(self, store: UnitStore, lyr: int, query, key, plan: StepPlan) -> None:
-        """Close finished units (their features from the running statistics, e.g. centroid = mean key), then add
-        this token to the open unit's statistics and query sum."""
+        """Add this step's token of every indexed decode row to its open unit: the query summed over each KV
+        head's query group (the selection query) and the key statistics (closing and resetting are per step, in
+        the planner)."""
         book = plan.book
-        indexers = policies.indexers(STATE.units)
-        if len(book.close_rows):
-            closing = store.open_rows(lyr, book.slot[book.close_rows])
-            for policy in indexers:
-                for name, value in policy.close_open(closing, book.close_count).items():
-                    store.units[name][lyr, book.close_units] = value
-            store.valid[lyr, book.close_units] = True
-        r = len(book.tok)
-        q = query[book.tok].float().view(r, self.num_kv_heads, -1, self.head_size).sum(2)   # group sums
-        k = key[book.tok].float()
-        keep = (~book.reset).float()[:, None, None]
-        store.qsum[lyr, book.slot] = store.qsum[lyr, book.slot] * keep + q
-        current = store.open_rows(lyr, book.slot)
-        for policy in indexers:
-            for name, value in policy.update_open(current, k, book.reset).items():
-                store.open[name][lyr, book.slot] = value
+        tok = book.rows if book.rows is not None else book.tok
+        q, k = query[tok], key[tok]
+        q = q.view(q.shape[0], self.num_kv_heads, -1, self.head_size).sum(2, dtype=torch.float32)
+        store.fold_open(lyr, book.slot, q, k.float())
 
     def _build_index(self, store: UnitStore, lyr: int, layer, kv_cache, job: Finalize) -> None:
         """Prompt index for this layer, from the keys just written to the paged cache: the unit features of the
@@ -180,8 +169,8 @@ class SentenceKVImplMixin:
     def _unit_features(self, store: UnitStore, lyr: int, g: SparseGroup) -> tuple[torch.Tensor, UnitFeatures]:
         """Selection query (mean query of the open sentence over each KV head's query group) and unit features."""
         group = self.num_heads // self.num_kv_heads
-        q_sel = store.qsum[lyr, g.slot] / (g.q_count * group)[:, None, None]
-        valid = store.valid[lyr, g.unit_slots] & g.unit_valid[..., None]
+        q_sel = store.query_sums(lyr, g.slot) / (g.q_count * group)[:, None, None]
+        valid = store.valid_rows(lyr, g.unit_slots) & g.unit_valid[..., None]
         policy = policies.get(g.policy)
         return q_sel, policy.features(store.unit_rows(lyr, g.unit_slots, policy.slots), valid)
 
@@ -197,8 +186,9 @@ class SentenceKVImplMixin:
         blocks = paged.blocks
         if blocks is None:
             policy = policies.get(g.policy)
-            feats = policy.features(store.unit_rows(lyr, g.unit_slots, policy.slots), store.valid[lyr, g.unit_slots])
-            scores = policy.score(store.qsum[lyr, g.slot], feats)
+            units = store.unit_rows(lyr, g.unit_slots, policy.slots, scratch=True)
+            feats = policy.features(units, store.valid_rows(lyr, g.unit_slots), scratch=True)
+            scores = policy.score(store.query_sums(lyr, g.slot), feats)
             blocks = select_blocks(block_scores(scores, paged.plan), paged.plan)
         tables = paged.tables
         t1 = time.perf_counter()

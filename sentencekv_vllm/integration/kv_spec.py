@@ -1,9 +1,9 @@
 """Extension points: ``KVCacheSpec`` + ``SingleTypeKVCacheManager`` (scheduler side, EngineCore process).
 
 With ``offload: host`` the backend reports :class:`SentenceKVSpec` (``customize_spec``), which the registry maps to
-:class:`SentenceKVManager`. Once a request decodes sparsely (context > budget, prefill done), the manager frees its
-*middle* blocks -- everything but the sink blocks, the recent window and the request's hot-set blocks -- back to
-vLLM's pool, like R-SWA frees a gap. Before that, it takes a host slot for each middle block from
+:class:`SentenceKVManager`. Once a request decodes sparsely (context >= ``sparse_from``, prefill done), the manager
+frees its *middle* blocks -- everything but the sink blocks, the recent window and the request's hot-set blocks --
+back to vLLM's pool, like R-SWA frees a gap. Before that, it takes a host slot for each middle block from
 :data:`~sentencekv_vllm.integration.tiers.ENGINE`, and the KV connector tells the worker to copy the block to that
 slot before anything can overwrite it. Hot-set blocks stay allocated (and counted by vLLM) as device cache space.
 When the host tier is full, blocks simply stay resident (no crash, no wrong tokens).

@@ -3,7 +3,8 @@
 It turns the scheduler's batch into a :class:`StepPlan` of small tensors that every layer's forward reuses:
 which prompt queries to keep for SnapKV, which requests finish their prefill (index build), the decode
 bookkeeping (running query/key sums, sentences that close), and which decode rows attend sparsely, grouped by
-policy. Rows whose context fits the budget (or policy ``full``) stay on the stock kernel.
+policy. Rows whose context is below ``sparse_from`` (the budget, or ``dense_below x budget``) or whose policy is
+``full`` stay on the stock kernel.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ class Finalize:
 
 @dataclass
 class DecodeBook:
-    """Running sums of the open sentence, for every indexed decode row."""
+    """The indexed decode rows whose token each layer folds into its open sentence's running statistics.
+
+    Sentences that close at this step and the rows that start a new one are handled by the planner for every
+    layer at once (:func:`_close_and_reset`), so a layer only adds its query and key (``UnitStore.fold_open``).
+    """
 
     tok: torch.Tensor          # [Rd] flat token index
     slot: torch.Tensor         # [Rd] request slot
-    reset: torch.Tensor        # [Rd] bool: this token starts a new sentence
-    close_rows: torch.Tensor   # [Rc] index into Rd: the sentence before this token closes
-    close_units: torch.Tensor  # [Rc] unit slot receiving its centroid
-    close_count: torch.Tensor  # [Rc] float, tokens in the closed sentence
+    rows: slice | None = None  # ``tok`` as a slice when contiguous (views instead of gathers)
 
 
 @dataclass
@@ -147,13 +149,13 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
         elif q1 - q0 == 1 and req.indexed:
             n_sent = _plan_decode(book, req, row, q0, total)
             policy = req.cfg.policy
-            if not policies.get(policy).dense and total > req.cfg.budget:
+            if not policies.get(policy).dense and total >= req.cfg.sparse_from:
                 sparse_rows.setdefault(policy, []).append((i, req, q0, n_sent))
             else:
                 dense_rows.append(i)
         else:
             dense_rows.append(i)
-    plan.book = _book_tensors(book) if book["tok"] else None
+    plan.book = _close_and_reset(book) if book["tok"] else None
     if sparse_rows:
         plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
         plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
@@ -242,14 +244,28 @@ def _feed(req: RequestState, token_ids: Any, pos: int) -> list[int]:
     return ends
 
 
-def _book_tensors(book: dict[str, list]) -> DecodeBook:
-    dev = STATE.store.device
-    return DecodeBook(
-        tok=torch.tensor(book["tok"], device=dev), slot=torch.tensor(book["slot"], device=dev),
-        reset=torch.tensor(book["reset"], device=dev), close_rows=torch.tensor(book["close_rows"], device=dev,
-                                                                              dtype=torch.long),
-        close_units=torch.tensor(book["close_units"], device=dev, dtype=torch.long),
-        close_count=torch.tensor(book["close_count"], device=dev, dtype=torch.float32))
+def _close_and_reset(book: dict[str, list]) -> DecodeBook:
+    """Once per step, every layer at once: the sentences closing now get their features from the open units'
+    statistics (before this step's token is added: it starts the next sentence), and the rows starting a new
+    sentence reset their statistics; the forward then only folds this step's token in, one op per layer."""
+    store = STATE.store
+    dev = store.device
+    slot = torch.tensor(book["slot"], device=dev)
+    if book["close_rows"]:
+        closing = slot[torch.tensor(book["close_rows"], device=dev)]
+        units = torch.tensor(book["close_units"], device=dev, dtype=torch.long)
+        count = torch.tensor(book["close_count"], device=dev, dtype=torch.float32)
+        open_rows = store.open_rows(closing)
+        for policy in policies.indexers(STATE.units):
+            for name, value in policy.close_open(open_rows, count).items():
+                store.units[name][:, units] = value
+        store.valid[:, units] = True
+    reset = [s for s, r in zip(book["slot"], book["reset"], strict=True) if r]
+    if reset:
+        store.reset_open(torch.tensor(reset, device=dev))
+    tok = book["tok"]
+    rows = slice(tok[0], tok[0] + len(tok)) if tok == list(range(tok[0], tok[0] + len(tok))) else None
+    return DecodeBook(tok=torch.tensor(tok, device=dev), slot=slot, rows=rows)
 
 
 def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, RequestState, int, int]],

@@ -33,6 +33,7 @@ from sentencekv_vllm.integration import metrics, trace
 from sentencekv_vllm.integration.hotset import HotSet
 from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.trace import RequestTrace
+from sentencekv_vllm.policies.base import OPEN_INIT
 
 _INITIAL_UNITS = 1024
 
@@ -82,7 +83,7 @@ class UnitStore:
 
     def __init__(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int, max_reqs: int,
                  device: torch.device, unit_slots: tuple[str, ...] = (),
-                 open_slots: tuple[str, ...] = ()) -> None:
+                 open_slots: tuple[str, ...] | dict[str, str] = ()) -> None:
         self.dims = (num_layers, num_kv_heads, num_heads, head_dim)
         self.device = device
         f32 = dict(dtype=torch.float32, device=device)
@@ -91,6 +92,9 @@ class UnitStore:
         self.valid = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, dtype=torch.bool, device=device)
         self.qsum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
         self.open = {name: torch.zeros_like(self.qsum) for name in open_slots}
+        # reduction of each open slot (``Policy.open_slots``); plain names default to a sum
+        self.open_reduce = dict(open_slots) if isinstance(open_slots, dict) else dict.fromkeys(open_slots, "sum")
+        self._scratch: dict[str, torch.Tensor] = {}
         self.free_units = list(range(_INITIAL_UNITS - 1, -1, -1))
         self.free_slots = list(range(max_reqs - 1, -1, -1))
 
@@ -102,13 +106,59 @@ class UnitStore:
         tensors = [*self.units.values(), self.valid, self.qsum, *self.open.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def unit_rows(self, lyr: int, unit_slots: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """``{slot: features}`` of the given unit-pool rows of one layer."""
-        return {name: self.units[name][lyr, unit_slots] for name in names}
+    def unit_rows(self, lyr: int, unit_slots: torch.Tensor, names: tuple[str, ...],
+                  scratch: bool = False) -> dict[str, torch.Tensor]:
+        """``{slot: features}`` ``[*unit_slots.shape, Hk, D]`` of the given unit-pool rows of one layer
+        (``index_select``: a fraction of advanced indexing's per-call cost on the decode hot path). ``scratch``:
+        gathered into this store's reused workspace (valid until the next call; the caller may overwrite it)."""
+        flat = unit_slots.reshape(-1)
+        shape = (*unit_slots.shape, *self.dims[1::2])
+        out = {}
+        for name in names:
+            src = self.units[name][lyr]
+            buf = self._workspace(name, flat.numel() * src[0].numel()) if scratch else None
+            rows = torch.index_select(src, 0, flat, out=buf.view(-1, *src.shape[1:])) if scratch else \
+                src.index_select(0, flat)
+            out[name] = rows.view(shape)
+        return out
 
-    def open_rows(self, lyr: int, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{slot: running statistics}`` of the given request slots of one layer."""
-        return {name: t[lyr, slots] for name, t in self.open.items()}
+    def _workspace(self, name: str, numel: int) -> torch.Tensor:
+        """A reused float32 buffer of at least ``numel`` elements (grown by 1.5x, never shrunk)."""
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, int(1.5 * (0 if buf is None else buf.numel()))), dtype=torch.float32,
+                              device=self.device)
+            self._scratch[name] = buf
+        return buf[:numel]
+
+    def valid_rows(self, lyr: int, unit_slots: torch.Tensor) -> torch.Tensor:
+        """``[*unit_slots.shape, Hk]`` whether each KV head may select the given units (one layer)."""
+        return self.valid[lyr].index_select(0, unit_slots.reshape(-1)).view(*unit_slots.shape, self.dims[1])
+
+    def query_sums(self, lyr: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[R, Hk, D]`` open-sentence query sums of the given request slots (one layer)."""
+        return self.qsum[lyr].index_select(0, slots)
+
+    def open_rows(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{slot: running statistics}`` ``[L, R, Hk, D]`` of the given request slots, every layer."""
+        return {name: t[:, slots] for name, t in self.open.items()}
+
+    def reset_open(self, slots: torch.Tensor) -> None:
+        """Every layer, once per step: the given request slots start a new open unit with this step's token."""
+        self.qsum[:, slots] = 0.0
+        for name, t in self.open.items():
+            t[:, slots] = OPEN_INIT[self.open_reduce[name]]
+
+    def fold_open(self, lyr: int, slots: torch.Tensor, query_sums: torch.Tensor, keys: torch.Tensor) -> None:
+        """One layer: add this step's tokens to their open units (query group sums ``[R, Hk, D]``, keys
+        ``[R, Hk, D]`` float32), one indexed op per statistic; ``slots`` are distinct within a step."""
+        self.qsum[lyr].index_add_(0, slots, query_sums)
+        for name, t in self.open.items():
+            how = self.open_reduce[name]
+            if how == "sum":
+                t[lyr].index_add_(0, slots, keys)
+            else:
+                t[lyr].index_reduce_(0, slots, keys, how)
 
     def alloc_slot(self) -> int:
         """A request slot (row of the running sums). Live requests never exceed ``max_num_seqs`` (preempted ones
@@ -175,8 +225,9 @@ class WorkerState:
                      device: torch.device) -> UnitStore:
         if self.store is None:
             max_reqs = self.vllm_config.scheduler_config.max_num_seqs
-            self.store = UnitStore(num_layers, num_kv_heads, num_heads, head_dim, max_reqs, device,
-                                   *policies.pool_slots(self.units))
+            unit_slots, _ = policies.pool_slots(self.units)
+            self.store = UnitStore(num_layers, num_kv_heads, num_heads, head_dim, max_reqs, device, unit_slots,
+                                   policies.open_reductions(self.units))
         return self.store
 
     def request_config(self, extra_args: dict[str, Any] | None) -> SentenceKVConfig:

@@ -7,7 +7,7 @@
   performs the copies before the step's forward (``handle_preemptions``), i.e. before a freed block can be reused.
 
 Residency policy: once a request decodes sparsely (its prefill, or its recomputation after a preemption, is done
-and its context exceeds its budget), every block except the sink blocks and those overlapping the recent window is
+and its context reaches ``sparse_from``), every block except the sink blocks and those overlapping the recent window is
 copied to the host. ``hot_set_factor x (budget - sinks - recent)`` tokens worth of those blocks (the ones nearest
 the end of the prompt) stay allocated on the device as the request's hot set (see ``hotset.py``); the others go
 back to vLLM's free pool. Device footprint per decoding request:
@@ -36,7 +36,7 @@ CHECK_ENV = "SENTENCEKV_CHECK_SLOTS"
 class RequestTier:
     """What the scheduler side knows about one request's residency."""
 
-    budget: int
+    dense_below: int            # processed tokens under which decode rows are dense (the worker's sparse_from - 1)
     policy: str
     dense_until: int            # tokens to (re)compute before decoding: prompt, or prompt + output after preemption
     hot_quota: int              # device blocks kept as the hot set (in blocks of the KV pool)
@@ -85,12 +85,12 @@ class EngineTier:
         except ValueError:      # already answered with a 400 by the API server; never fail the engine
             cfg = self.cfg
         quota = -(-int(cfg.hot_set_factor * cfg.selection_budget) // self.block_size)
-        self.requests[req_id] = RequestTier(cfg.budget, cfg.policy, num_tokens, quota)
+        self.requests[req_id] = RequestTier(cfg.sparse_from - 1, cfg.policy, num_tokens, quota)
 
     def spill_range(self, req_id: str, processed: int) -> tuple[int, int]:
         """Logical blocks that may leave the device now: ``[first, last)``; empty while the request is dense."""
         tier = self.requests.get(req_id)
-        if tier is None or policies.get(tier.policy).dense or processed < max(tier.dense_until, tier.budget):
+        if tier is None or policies.get(tier.policy).dense or processed < max(tier.dense_until, tier.dense_below):
             return 0, 0
         first = -(-self.cfg.sinks // self.block_size)
         last = max(first, (processed - self.cfg.recent) // self.block_size)

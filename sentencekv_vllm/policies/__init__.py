@@ -54,8 +54,18 @@ def indexers(units: str) -> list[Policy]:
 def pool_slots(units: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Unit-pool slots and open-unit slots of a server with these units (union over its indexers, in order)."""
     slots = dict.fromkeys(s for p in indexers(units) for s in p.slots)
-    open_slots = dict.fromkeys(s for p in indexers(units) for s in p.open_slots)
-    return tuple(slots), tuple(open_slots)
+    return tuple(slots), tuple(open_reductions(units))
+
+
+def open_reductions(units: str) -> dict[str, str]:
+    """Open-unit slot -> reduction (``sum`` / ``amin`` / ``amax``) of a server with these units; policies sharing a
+    slot must declare the same reduction."""
+    out: dict[str, str] = {}
+    for p in indexers(units):
+        for name, how in p.open_slots.items():
+            if out.setdefault(name, how) != how:
+                raise ValueError(f"open slot {name!r} declared as {out[name]!r} and {how!r}")
+    return out
 
 
 def describe() -> str:
@@ -91,4 +101,4 @@ def select_positions(policy: str, query: torch.Tensor | None, feats: UnitFeature
 
 
 __all__ = ["REGISTRY", "Policy", "PolicyConfig", "TokenFeatures", "compatible", "describe", "get", "indexers",
-           "names", "pool_slots", "select", "select_positions", "unit_scores"]
+           "names", "open_reductions", "pool_slots", "select", "select_positions", "unit_scores"]

@@ -7,8 +7,9 @@ it, and nothing else, is on :class:`Policy`:
 * ``units``: what the prompt is cut into (``"sentences"`` or ``"pages"``). A server keeps one kind of unit, so a
   request may switch to another policy only when the units match;
 * ``slots``: per-unit features the policy builds and reads (``[Hk, D]`` float32 rows of the engine's unit pool),
-  and ``open_slots``: per-request running statistics of the open (generated) unit that become those features when
-  the unit closes (:meth:`update_open`, :meth:`close_open`); built at prefill by :meth:`build_units`;
+  and ``open_slots``: per-request running statistics of the open (generated) unit, each a declared reduction of
+  its keys (``sum`` / ``amin`` / ``amax``, so the engine folds a token in with one indexed op per layer), that
+  become those features when the unit closes (:meth:`close_open`); built at prefill by :meth:`build_units`;
 * :meth:`build_tokens`: request-level token features built once at prefill (token-eviction policies such as
   SnapKV keep their choice here instead of in the unit pool);
 * :meth:`score` (units scored by the decode query) and :meth:`positions` (the tokens a step attends to).
@@ -35,6 +36,8 @@ from sentencekv_vllm.core.selection import (
 )
 
 Tensors = Mapping[str, torch.Tensor]
+#: value of an open-unit statistic before its first key, per reduction (``Policy.open_slots``)
+OPEN_INIT = {"sum": 0.0, "amin": float("inf"), "amax": float("-inf")}
 
 
 class PolicyConfig(Protocol):
@@ -65,7 +68,8 @@ class Policy:
     summary: ClassVar[str]
     units: ClassVar[str] = "sentences"
     slots: ClassVar[tuple[str, ...]] = ()
-    open_slots: ClassVar[tuple[str, ...]] = ()
+    #: running statistic of the open unit -> how each key folds in (a key of ``OPEN_INIT``)
+    open_slots: ClassVar[Mapping[str, str]] = {}
     #: every decode row runs on the stock kernel (no selection at all)
     dense: ClassVar[bool] = False
     #: its selection is whole units, so the block-granular path (``attention: paged``) can express it
@@ -93,22 +97,28 @@ class Policy:
     # -- decode: the open unit -----------------------------------------------------------------------------
 
     def update_open(self, open_rows: Tensors, key: torch.Tensor, reset: torch.Tensor) -> dict[str, torch.Tensor]:
-        """New running statistics of the open units after this token. open_rows ``{slot: [Rd, Hk, D]}``, key
-        ``[Rd, Hk, D]`` float32, reset ``[Rd]`` bool (this token starts a new unit)."""
-        return {}
+        """The declared reductions as a pure function (the reference the engine's in-place fold is held to):
+        statistics of the open units after this token. open_rows ``{slot: [Rd, Hk, D]}``, key ``[Rd, Hk, D]``
+        float32, reset ``[Rd]`` bool (this token starts a new unit)."""
+        out = {}
+        r = reset.view(-1, *([1] * (key.dim() - 1)))
+        for name, how in self.open_slots.items():
+            old = torch.where(r, torch.full_like(key, OPEN_INIT[how]), open_rows[name])
+            out[name] = old + key if how == "sum" else (torch.minimum if how == "amin" else torch.maximum)(old, key)
+        return out
 
     def close_open(self, open_rows: Tensors, count: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features ``{slot: [Rc, Hk, D]}`` of units that just closed, from their running statistics; count
-        ``[Rc]`` float tokens in each."""
+        """Features ``{slot: [..., Rc, Hk, D]}`` of units that just closed, from their running statistics (any
+        leading dims: the engine closes every layer at once); count ``[Rc]`` float tokens in each."""
         return {}
 
     # -- selection -----------------------------------------------------------------------------------------
 
-    def features(self, units: Tensors, valid: torch.Tensor) -> UnitFeatures:
+    def features(self, units: Tensors, valid: torch.Tensor, scratch: bool = False) -> UnitFeatures:
         """The pool rows of this policy's slots as the scorer's :class:`UnitFeatures` (first slot ``a``, second
-        ``b``)."""
+        ``b``); ``scratch``: they are copies the scorer may overwrite."""
         a, *rest = (units[s] for s in self.slots)
-        return UnitFeatures(a, valid, rest[0] if rest else None)
+        return UnitFeatures(a, valid, rest[0] if rest else None, scratch=scratch)
 
     def score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
         """``[R, Hk, S]`` unit scores (``-inf`` = never take). query ``[R, Hk, D]``."""

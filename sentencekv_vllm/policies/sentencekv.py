@@ -17,7 +17,7 @@ class SentenceKV(Policy):
     name = "sentencekv"
     summary = "sentences scored by the mean query · centroid of their SnapKV-retained keys"
     slots = ("centroid",)
-    open_slots = ("key_sum",)
+    open_slots = {"key_sum": "sum"}
     uses_query = True
 
     def build_units(self, keys: torch.Tensor, spans: torch.Tensor, obs: torch.Tensor | None,
@@ -28,17 +28,15 @@ class SentenceKV(Policy):
         cent, valid = sentence_centroids(keys, spans, retained, cfg.keep_unretained)
         return {"centroid": cent}, valid
 
-    def update_open(self, open_rows: Tensors, key: torch.Tensor, reset: torch.Tensor) -> dict[str, torch.Tensor]:
-        keep = (~reset).float()[:, None, None]
-        return {"key_sum": open_rows["key_sum"] * keep + key}
-
     def close_open(self, open_rows: Tensors, count: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"centroid": open_rows["key_sum"] / count[:, None, None]}
+        return {"centroid": open_rows["key_sum"] / count.view(-1, 1, 1)}
 
     def score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
         """Dot product of the (mean current-sentence) query with sentence centroids. ``[R, Hk, D]`` -> ``[R, Hk, S]``.
 
         Product + sum (not einsum/bmm) so a row's scores do not depend on what else is in the batch.
         """
-        scores = (query.float()[:, None] * feats.a.float()).sum(-1).transpose(1, 2)
+        q = query.float()[:, None]
+        prod = feats.a.mul_(q) if feats.scratch and feats.a.dtype == torch.float32 else q * feats.a.float()
+        scores = prod.sum(-1).transpose(1, 2)
         return scores.masked_fill(~feats.valid.transpose(1, 2), NEG_INF)

@@ -24,35 +24,37 @@ def additional_config(section: dict) -> tuple[str, str]:
 
 # The shared server (tests/e2e/shared/): 32-token blocks so `attention: auto` takes the paged path at the default
 # budget (16 blocks) and the exact path for per-request budgets under 8 blocks (< 256 tokens), and traced rows.
-SHARED = {"budget": 512, "trace_requests": 0}
+# `dense_below: 1` (here and on the other sentence servers): sparse as soon as the context exceeds the budget, so
+# the short CI prompts exercise selection; the default (2) is sent per request by test_serve's dense-below test.
+SHARED = {"budget": 512, "trace_requests": 0, "dense_below": 1.0}
 SHARED_ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", "--block-size", "32")
 
 # Hostile conditions (tests/e2e/hostile/): spaCy, a tiny host tier that fills up, tiny device pool, priority
 # scheduling, the trace ring written to disk, the inspector behind an API key, non-default segmentation knobs.
 HOSTILE = {"budget": 256, "offload": "host", "host_pool_gib": 0.05, "hot_set_factor": 0.5, "segmentation": "spacy",
-           "trace_requests": 64, "min_sentence_len": 3, "max_sentence_len": 96}
+           "trace_requests": 64, "min_sentence_len": 3, "max_sentence_len": 96, "dense_below": 1.0}
 # filled in by the fixtures: a temporary directory, and a spaCy pipeline saved to disk (blank "en" + sentencizer)
 HOSTILE_PATHS = {"trace_dir": "<a temporary directory>", "spacy_model": "<a saved spaCy pipeline>"}
 
 # Two-tier memory (tests/e2e/test_offload.py): the same selection with and without the host tier; non-default
 # SnapKV knobs here, since both servers share them and the identity check covers them.
 OFFLOAD_BASE = {"budget": 512, "semantic_factor": 1.5, "obs_window": 24, "pool_kernel": 5,
-                "keep_unretained": False, "sinks": 16, "recent": 48, "attention": "exact"}
+                "keep_unretained": False, "sinks": 16, "recent": 48, "attention": "exact", "dense_below": 1.0}
 OFFLOAD_HOST = {**OFFLOAD_BASE, "offload": "host", "host_pool_gib": 2.0}
 OFFLOAD_FULL_TIER = {**OFFLOAD_BASE, "offload": "host", "host_pool_gib": 0.02}
-SMALL_POOL = {"budget": 512, "offload": "host", "host_pool_gib": 2.0, "hot_set_factor": 0.25}
+SMALL_POOL = {"budget": 512, "offload": "host", "host_pool_gib": 2.0, "hot_set_factor": 0.25, "dense_below": 1.0}
 
 # bf16 batch invariance (tests/e2e/test_determinism.py) asserts on outputs only: per-step statistics off there.
-DETERMINISM = {"budget": 256, "stats": False}
+DETERMINISM = {"budget": 256, "stats": False, "dense_below": 1.0}
 
 # Preemption with host blocks (tests/e2e/test_preemption.py); the paged path forced on a host-tier server;
 # per-request traces refused.
 PREEMPTION = {"budget": 256, "offload": "host", "host_pool_gib": 0.5, "hot_set_factor": 0.5, "attention": "paged",
-              "trace_per_request": False}
+              "trace_per_request": False, "dense_below": 1.0}
 
 # The quest baseline is a server-level policy (its units are pages): the eval smoke test
 # (tests/e2e/test_eval_smoke.py) starts a quest server and passes this section to every server it starts.
-EVAL_EXTRA = {"quest_page_size": 32}
+EVAL_EXTRA = {"quest_page_size": 32, "dense_below": 1.0}
 EVAL_QUEST = {"policy": "quest", **EVAL_EXTRA}
 # Grids small enough for CI: the eval tests check that every part runs and reports, not the numbers.
 EVAL_SMALL_GRID = ("--quick", "--limit", "1", "--contexts", "600", "--depths", "0.5", "--task-contexts", "600",

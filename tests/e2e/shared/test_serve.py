@@ -137,3 +137,23 @@ def test_prometheus_scrapes_sentencekv_series(shared, tokenizer):
     while metric(shared.metrics(), "sentencekv_live_requests") != 0 and time.time() < deadline:
         time.sleep(0.5)
     assert metric(shared.metrics(), "sentencekv_live_requests") == 0, "a worker gauge stayed stale at idle"
+
+
+def test_dense_below_keeps_short_contexts_on_the_stock_kernel(shared, tokenizer):
+    """``dense_below`` (per request here; the server runs 1): an ~800-token prompt at budget 512 decodes densely
+    with ``dense_below: 2`` (identical tokens to a budget covering the context, no sparse rows) and sparsely with
+    the server's 1."""
+    prompt = prompts.long_prompt(tokenizer, 800, 120_000, task="Summarize the text above.")
+
+    def rows() -> tuple[float, float]:
+        text = shared.metrics()
+        return (metric(text, "sentencekv_sparse_decode_rows_total"), metric(text, "sentencekv_dense_decode_rows_total"))
+
+    sparse0, dense0 = rows()
+    dense_text = shared.text(prompt, max_tokens=24, sentencekv_dense_below=2.0)
+    sparse1, dense1 = rows()
+    assert sparse1 == sparse0 and dense1 - dense0 >= 20, (sparse0, sparse1, dense0, dense1)
+    assert dense_text == shared.text(prompt, max_tokens=24, sentencekv_budget=8192)
+    shared.text(prompt, max_tokens=24)
+    sparse2, _ = rows()
+    assert sparse2 - sparse1 >= 20, "the server's dense_below 1 should decode this prompt sparsely"
