@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--model", help="model path (default: the packaged test model)")
     perf.add_argument("--out", default="results/perf")
     perf.add_argument("--points", default="1x2000,1x4000,1x7500,8x7500", help="BATCHxPROMPT_TOKENS,...")
-    perf.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,exact,host")
+    perf.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,forced,exact,host")
     perf.add_argument("--budget", type=int, default=1024)
     perf.add_argument("--block-size", type=int, default=32)
     perf.add_argument("--max-tokens", type=int, default=64)

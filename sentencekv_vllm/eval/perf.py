@@ -25,7 +25,8 @@ from sentencekv_vllm.eval.launch import vllm_server
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "stock": None,                                       # vLLM's own CPU backend
-    "sentencekv": {},                                    # defaults (attention: auto -> paged)
+    "sentencekv": {},                                    # defaults (attention: auto -> paged; dense under 2 tau)
+    "forced": {"dense_below": 1.0},                      # sparse as soon as the context exceeds tau
     "exact": {"attention": "exact"},                     # token-exact gather + softmax (the reference path)
     "host": {"offload": "host", "host_pool_gib": 4.0},   # two-tier memory
 }
