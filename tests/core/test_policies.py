@@ -54,3 +54,28 @@ def test_unit_closed_at_decode_equals_prefill_build(name):
     assert valid.all() and set(closed) == set(built) == set(policy.slots)
     for slot in policy.slots:
         torch.testing.assert_close(closed[slot][0], built[slot][0])
+
+
+@pytest.mark.parametrize("name", ["sentencekv", "quest"])
+def test_engine_fold_equals_policy_reference(name):
+    """The worker's in-place fold (``UnitStore.reset_open`` once per step, ``fold_open`` per layer, two requests
+    interleaved, one starting a new unit mid-way) gives the statistics of ``Policy.update_open``, every layer."""
+    from sentencekv_vllm.integration.state import UnitStore
+
+    policy = policies.get(name)
+    store = UnitStore(num_layers=2, num_kv_heads=3, num_heads=6, head_dim=8, max_reqs=4, device=torch.device("cpu"),
+                      unit_slots=policy.slots, open_slots=dict(policy.open_slots))
+    gen = torch.Generator().manual_seed(1)
+    slots = torch.tensor([2, 0])
+    ref = {s: torch.zeros(2, 3, 8) for s in policy.open_slots}
+    for t in range(6):
+        keys = torch.randn(2, 3, 8, generator=gen)
+        reset = torch.tensor([t == 0, t in (0, 3)])
+        ref = policy.update_open(ref, keys, reset)
+        if reset.any():
+            store.reset_open(slots[reset])
+        for lyr in range(2):
+            store.fold_open(lyr, slots, torch.zeros(2, 3, 8), keys)
+    for s in policy.open_slots:
+        for lyr in range(2):
+            torch.testing.assert_close(store.open[s][lyr, slots], ref[s])
