@@ -263,9 +263,12 @@ def _close_and_reset(book: dict[str, list]) -> DecodeBook:
     reset = [s for s, r in zip(book["slot"], book["reset"], strict=True) if r]
     if reset:
         store.reset_open(torch.tensor(reset, device=dev))
-    tok = book["tok"]
-    rows = slice(tok[0], tok[0] + len(tok)) if tok == list(range(tok[0], tok[0] + len(tok))) else None
-    return DecodeBook(tok=torch.tensor(tok, device=dev), slot=slot, rows=rows)
+    return DecodeBook(tok=torch.tensor(book["tok"], device=dev), slot=slot, rows=_as_slice(book["tok"]))
+
+
+def _as_slice(toks: list[int]) -> slice | None:
+    """Flat token indices as a slice when they are consecutive (layers then take views instead of gathers)."""
+    return slice(toks[0], toks[0] + len(toks)) if toks == list(range(toks[0], toks[0] + len(toks))) else None
 
 
 def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, RequestState, int, int]],
@@ -304,9 +307,7 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
         if host_slots is not None and not _hot_sets_hold(group.paged.plan, reqs):
             group.paged = None
-        toks = [q0 for _, _, q0, _ in rows]
-        if toks == list(range(toks[0], toks[0] + r)):
-            group.rows = slice(toks[0], toks[0] + r)
+        group.rows = _as_slice([q0 for _, _, q0, _ in rows])
     return group
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -83,7 +83,7 @@ class UnitStore:
 
     def __init__(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int, max_reqs: int,
                  device: torch.device, unit_slots: tuple[str, ...] = (),
-                 open_slots: tuple[str, ...] | dict[str, str] = ()) -> None:
+                 open_slots: Mapping[str, str] | None = None) -> None:
         self.dims = (num_layers, num_kv_heads, num_heads, head_dim)
         self.device = device
         f32 = dict(dtype=torch.float32, device=device)
@@ -91,9 +91,9 @@ class UnitStore:
                       for name in unit_slots}
         self.valid = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, dtype=torch.bool, device=device)
         self.qsum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
-        self.open = {name: torch.zeros_like(self.qsum) for name in open_slots}
-        # reduction of each open slot (``Policy.open_slots``); plain names default to a sum
-        self.open_reduce = dict(open_slots) if isinstance(open_slots, dict) else dict.fromkeys(open_slots, "sum")
+        # open slot -> its reduction (``Policy.open_slots``: ``sum`` / ``amin`` / ``amax``)
+        self.open_reduce = dict(open_slots or {})
+        self.open = {name: torch.zeros_like(self.qsum) for name in self.open_reduce}
         self._scratch: dict[str, torch.Tensor] = {}
         self.free_units = list(range(_INITIAL_UNITS - 1, -1, -1))
         self.free_slots = list(range(max_reqs - 1, -1, -1))

@@ -36,7 +36,7 @@ CHECK_ENV = "SENTENCEKV_CHECK_SLOTS"
 class RequestTier:
     """What the scheduler side knows about one request's residency."""
 
-    dense_below: int            # processed tokens under which decode rows are dense (the worker's sparse_from - 1)
+    sparse_from: int            # context from which decode rows are sparse (``SentenceKVConfig.sparse_from``)
     policy: str
     dense_until: int            # tokens to (re)compute before decoding: prompt, or prompt + output after preemption
     hot_quota: int              # device blocks kept as the hot set (in blocks of the KV pool)
@@ -85,12 +85,12 @@ class EngineTier:
         except ValueError:      # already answered with a 400 by the API server; never fail the engine
             cfg = self.cfg
         quota = -(-int(cfg.hot_set_factor * cfg.selection_budget) // self.block_size)
-        self.requests[req_id] = RequestTier(cfg.sparse_from - 1, cfg.policy, num_tokens, quota)
+        self.requests[req_id] = RequestTier(cfg.sparse_from, cfg.policy, num_tokens, quota)
 
     def spill_range(self, req_id: str, processed: int) -> tuple[int, int]:
         """Logical blocks that may leave the device now: ``[first, last)``; empty while the request is dense."""
         tier = self.requests.get(req_id)
-        if tier is None or policies.get(tier.policy).dense or processed < max(tier.dense_until, tier.dense_below):
+        if tier is None or policies.get(tier.policy).dense or processed < max(tier.dense_until, tier.sparse_from - 1):
             return 0, 0
         first = -(-self.cfg.sinks // self.block_size)
         last = max(first, (processed - self.cfg.recent) // self.block_size)

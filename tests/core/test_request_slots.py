@@ -14,7 +14,7 @@ from sentencekv_vllm.integration.state import UnitStore
 def test_request_slots_grow_instead_of_failing_and_keep_their_sums():
     store = UnitStore(num_layers=2, num_kv_heads=1, num_heads=3, head_dim=4, max_reqs=2,
                       device=torch.device("cpu"), unit_slots=("key_min", "key_max"),
-                      open_slots=("key_min", "key_max"))
+                      open_slots={"key_min": "amin", "key_max": "amax"})
     a, b = store.alloc_slot(), store.alloc_slot()
     store.qsum[:, a] = 1.0
     store.open["key_min"][:, b] = 2.0
