@@ -90,7 +90,7 @@ class SentenceKVConfig(BaseModel):
     keep_unretained: bool = Field(True, description=(
         "Sentences with no SnapKV-retained token stay retrievable (centroid over all their keys); `false` makes "
         "them unselectable, as the reference code does (which also attends only the retained tokens of a "
-        "selected sentence; no setting does that here, see `policies/reference.py`)."))
+        "selected sentence: policy `reference` does that)."))
     offload: Offload = Field("none", description="`host`: two-tier KV memory (see \"Two-tier memory\").")
     host_pool_gib: float = Field(4.0, gt=0, description="Size of the host tier in GiB when `offload` is `host`.")
     hot_set_factor: float = Field(1.0, ge=0, description=(
@@ -128,6 +128,8 @@ class SentenceKVConfig(BaseModel):
         if self.min_sentence_len > self.max_sentence_len:
             _fail("min_sentence_len",
                   f"must be <= max_sentence_len ({self.max_sentence_len}), got {self.min_sentence_len}")
+        if policies.get(self.policy).stateful and self.offload == "host":
+            _fail("policy", f"{self.policy!r} reads the device cache only; it cannot run with offload: 'host'")
         if self.pool_kernel % 2 == 0:
             _fail("pool_kernel", f"must be odd, got {self.pool_kernel}")
         if self.trace_dir is not None and not self.trace_dir.strip():

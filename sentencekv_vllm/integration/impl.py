@@ -119,6 +119,9 @@ class SentenceKVImplMixin:
             self._dense(layer, query, key, value, kv_cache, output, plan.dense)
         counts: list[int] = []
         for group in plan.sparse:
+            if group.punct is not None:
+                counts += self._sparse_stateful(lyr, layer, query, key, kv_cache, output, group)
+                continue
             sparse = self._sparse_paged if group.paged is not None else self._sparse
             counts += sparse(store, lyr, layer, query, kv_cache, output, group)
         metrics.observe_attended(counts)
@@ -151,7 +154,13 @@ class SentenceKVImplMixin:
             for name, value in feats.items():
                 store.units[name][lyr, job.unit_slots] = value
             store.valid[lyr, job.unit_slots] = valid
-        tokens = policies.get(req.cfg.policy).build_tokens(keys, obs, req.cfg)
+        policy = policies.get(req.cfg.policy)
+        if policy.stateful:
+            if req.layer_states is None:
+                req.layer_states = [None] * store.dims[0]
+            window = obs if obs is not None else keys.new_zeros(0, self.num_heads, self.head_size, dtype=torch.float32)
+            req.layer_states[lyr] = policy.init_state(keys, window, req.punct or [False] * n, req.cfg)
+        tokens = policy.build_tokens(keys, obs, req.cfg)
         if tokens is not None:
             if req.tokens is None:
                 req.tokens = tokens.new_full((store.dims[0], *tokens.shape), -1)
@@ -237,6 +246,30 @@ class SentenceKVImplMixin:
                                       transfer=(t2 - t1) + (t4 - t3))
         if details is not None and "scores" in details:
             self._trace(lyr, g, details, pos, ok)
+        return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
+
+    def _sparse_stateful(self, lyr: int, layer, query, key, kv_cache, output, g: SparseGroup) -> list[int]:
+        """A stateful policy (``reference``): per row, the policy steps its own state of this layer with this
+        token and returns the positions each *query* head attends; they are gathered per query head and attended
+        exactly (a query head is its own group of one)."""
+        t0 = time.perf_counter()
+        policy = policies.get(g.policy)
+        rows = g.tok.tolist()
+        chosen = [policy.step(req.layer_states[lyr], query[t], key[t], pos, punct, req.cfg)
+                  for req, t, pos, punct in zip(g.reqs, rows, (g.batch.seq_lens - 1).tolist(), g.punct, strict=True)]
+        r, hq, hk = len(rows), self.num_heads, self.num_kv_heads
+        width = max(len(heads) for per_row in chosen for heads in per_row)
+        pos = torch.zeros(r, hq, width, dtype=torch.long)
+        ok = torch.zeros(r, hq, width, dtype=torch.bool)
+        for j, per_row in enumerate(chosen):
+            for h, heads in enumerate(per_row):
+                pos[j, h, :len(heads)] = torch.tensor(heads, dtype=torch.long)
+                ok[j, h, :len(heads)] = True
+        pos, ok = pos.to(query.device), ok.to(query.device)
+        t1 = time.perf_counter()
+        k, v = self._block_layout(layer, kv_cache).gather_query_heads(kv_cache, g.block_table, pos, hk)
+        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
+        metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t1, transfer=0.0)
         return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
 
     def _trace(self, lyr: int, g: SparseGroup, details: dict, pos, ok) -> None:

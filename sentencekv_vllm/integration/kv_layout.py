@@ -72,6 +72,14 @@ class BlockLayout:
         blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w)
         return self.gather_blocks(flat, blocks, positions)
 
+    def gather_query_heads(self, kv_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
+                           num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[R, Hq, W, D]`` of token ``positions[r, h, w]`` per *query* head ``h`` (read from KV head
+        ``h // (Hq / Hk)``: the query heads of one KV head are adjacent, so ``[R, Hq, W]`` is ``[R, Hk, G * W]``)."""
+        r, hq, w = positions.shape
+        k, v = self.gather(kv_cache, block_table, positions.reshape(r, num_kv_heads, -1))
+        return k.view(r, hq, w, -1), v.view(r, hq, w, -1)
+
     def gather_blocks(self, flat: torch.Tensor, blocks: torch.Tensor,
                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same, from ``flat`` ``[num_blocks, block_numel]`` storage with explicit block ids ``[R, Hk, W]``.

@@ -4,7 +4,7 @@ It turns the scheduler's batch into a :class:`StepPlan` of small tensors that ev
 which prompt queries to keep for SnapKV, which requests finish their prefill (index build), the decode
 bookkeeping (running query/key sums, sentences that close), and which decode rows attend sparsely, grouped by
 policy. Rows whose context is below ``sparse_from`` (the budget, or ``dense_below x budget``) or whose policy is
-``full`` stay on the stock kernel.
+``full`` stay on the stock kernel; rows of a stateful policy (``reference``) always take its own path.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ class SparseGroup:
     trace_acc: tuple[torch.Tensor, ...] | None = None   # [Rs, S] hits, scores, attention mass (trace mode)
     paged: PagedGroup | None = None     # set when the group attends whole blocks (``attention`` config)
     tokens: GroupTokens | None = None   # token-level policies (SnapKV): the rows' prefill choice
+    punct: list[bool] | None = None     # stateful policies: this step's token of each row is sentence-final
     rows: slice | None = None           # ``tok`` as a slice when contiguous (views instead of copies)
 
 
@@ -138,6 +139,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     book: dict[str, list] = {k: [] for k in ("tok", "slot", "reset", "close_rows", "close_units", "close_count")}
     sparse_rows: dict[str, list[tuple[int, RequestState, int, int]]] = {}
     dense_rows: list[int] = []
+    punct: dict[int, bool] = {}
     for i, row in enumerate(runner_rows(STATE.runner, num_reqs)):
         q0, q1, total = qsl[i], qsl[i + 1], seq_lens[i]
         ctx = total - (q1 - q0)
@@ -148,9 +150,11 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
             dense_rows.append(i)
         elif q1 - q0 == 1 and req.indexed:
             n_sent = _plan_decode(book, req, row, q0, total)
-            policy = req.cfg.policy
-            if not policies.get(policy).dense and total >= req.cfg.sparse_from:
-                sparse_rows.setdefault(policy, []).append((i, req, q0, n_sent))
+            policy = policies.get(req.cfg.policy)
+            if policy.stateful:
+                punct[i] = _is_punct(int(row.token_ids[total - 1]))
+            if policy.stateful or (not policy.dense and total >= req.cfg.sparse_from):
+                sparse_rows.setdefault(policy.name, []).append((i, req, q0, n_sent))
             else:
                 dense_rows.append(i)
         else:
@@ -158,6 +162,9 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     plan.book = _close_and_reset(book) if book["tok"] else None
     if sparse_rows:
         plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
+        for group in plan.sparse:
+            if policies.get(group.policy).stateful:
+                group.punct = [punct[i] for i, *_ in sparse_rows[group.policy]]
         plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
     plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
     metrics.observe_step(plan)
@@ -201,6 +208,8 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
     metrics.observe_segmentation(time.perf_counter() - t0, len(spans))
     slots = store.alloc_units(len(spans))
     req.add_units([tuple(s) for s in spans.tolist()], slots)
+    if policies.get(req.cfg.policy).stateful:
+        req.punct = [_is_punct(t) for t in prompt_ids.tolist()]
     req.indexed = True
     req.stream = new_stream(req, segmenter, int(prompt_ids[-1]))
     req.open_start = p
@@ -242,6 +251,13 @@ def _feed(req: RequestState, token_ids: Any, pos: int) -> list[int]:
             break
         ends += [e for e in stream.push(token) if e > req.open_start]
     return ends
+
+
+def _is_punct(token: int) -> bool:
+    """The reference code's sentence boundary: the token's own text ends a sentence (placeholders and ids past the
+    tokenizer's vocabulary never do)."""
+    table = STATE.punctuation()
+    return 0 <= token < len(table) and bool(table[token])
 
 
 def _close_and_reset(book: dict[str, list]) -> DecodeBook:

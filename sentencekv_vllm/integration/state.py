@@ -57,6 +57,8 @@ class RequestState:
     trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0 or sentencekv_trace)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
     tokens: torch.Tensor | None = None          # [L, Hk, K] token-level policy features (Policy.build_tokens)
+    layer_states: list[Any] | None = None       # [L] a stateful policy's own decode state (``reference``)
+    punct: list[bool] | None = None             # stateful policies: prompt tokens that are sentence-final
     _tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def unit_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -297,6 +299,16 @@ class WorkerState:
         if "tokenizer" not in self._segmenters:
             self._segmenters["tokenizer"] = _load_tokenizer(self.vllm_config)
         return self._segmenters["tokenizer"]
+
+    def punctuation(self) -> torch.Tensor:
+        """``[vocab]`` bool: the token's text ends a sentence on its own (no look-ahead, no length rule), the
+        reference code's boundary test (``policies/reference.py``)."""
+        if "punct_table" not in self._segmenters:
+            from sentencekv_vllm.core.segmentation import TokenClasses
+
+            classes = TokenClasses.from_tokenizer(self.tokenizer())
+            self._segmenters["punct_table"] = classes.weak_end | classes.strong_end
+        return self._segmenters["punct_table"]
 
     def segmenter(self, kind: str) -> Any:
         """Lazily built segmenters (the token table decodes the whole vocabulary once)."""

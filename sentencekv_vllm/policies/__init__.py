@@ -13,6 +13,7 @@ from sentencekv_vllm.core.selection import SelectionBatch, UnitFeatures
 from sentencekv_vllm.policies.base import Policy, PolicyConfig, TokenFeatures
 from sentencekv_vllm.policies.full import Full
 from sentencekv_vllm.policies.quest import Quest
+from sentencekv_vllm.policies.reference import Reference
 from sentencekv_vllm.policies.sentencekv import SentenceKV
 from sentencekv_vllm.policies.snapkv import SnapKV
 from sentencekv_vllm.policies.streaming import Streaming
@@ -24,6 +25,7 @@ REGISTRY: dict[str, Policy] = {p.name: p for p in (
     Streaming(),
     Quest(),
     SnapKV(),
+    Reference(),
 )}
 
 

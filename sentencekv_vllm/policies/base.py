@@ -12,7 +12,8 @@ it, and nothing else, is on :class:`Policy`:
   become those features when the unit closes (:meth:`close_open`); built at prefill by :meth:`build_units`;
 * :meth:`build_tokens`: request-level token features built once at prefill (token-eviction policies such as
   SnapKV keep their choice here instead of in the unit pool);
-* :meth:`score` (units scored by the decode query) and :meth:`positions` (the tokens a step attends to).
+* :meth:`score` (units scored by the decode query) and :meth:`positions` (the tokens a step attends to);
+* ``stateful``: the policy keeps its own decode state and chooses per query head (only ``reference``).
 
 Scoring policies only score units; one shared budget filler (``core/selection.py``) turns scores into tokens, the
 way kvpress separates ``score`` from the mechanics. The engine glue (``integration/``) reads these attributes and
@@ -45,6 +46,9 @@ class PolicyConfig(Protocol):
     policies do not import the config module, which imports this package for the policy names)."""
 
     budget: int
+    sinks: int
+    recent: int
+    obs_window: int
     pool_kernel: int
     semantic_budget: int
     keep_unretained: bool
@@ -78,6 +82,11 @@ class Policy:
     uses_query: ClassVar[bool] = False
     #: :meth:`build_tokens` returns features the decode step needs (``positions(..., tokens=...)``)
     token_level: ClassVar[bool] = False
+    #: keeps its own per-request, per-layer decode state instead of the shared pools (the authors' code,
+    #: ``reference.py``): the engine calls ``init_state(keys, obs, punct, cfg)`` at prefill and
+    #: ``step(state, query, key, position, punct, cfg)`` for every decode token, which returns the positions each
+    #: *query* head attends; every decode row of such a policy takes that path, whatever its context length
+    stateful: ClassVar[bool] = False
 
     # -- prefill -------------------------------------------------------------------------------------------
 

@@ -1,8 +1,11 @@
 """The authors' SentenceKV decode, step for step, for one request and one layer (pure torch, batch 1).
 
-This is the oracle for a ``reference: true`` mode (issue #13 item 9), written from the behaviour of the public
-reference implementation (eager attention path) and ``/work/shared/DESIGN.md``; the served policy
-(``sentencekv.py``) deviates from it on purpose where the README says so. What it does, in the reference's terms:
+Written from the behaviour of the public reference implementation (eager attention path) and DESIGN.md; the
+served policy (``sentencekv.py``) deviates from it on purpose where the README says so. The engine serves it as the
+policy ``reference`` (:class:`Reference`; server ``policy: reference`` or per request
+``vllm_xargs.sentencekv_policy: reference``): the worker keeps one :class:`ReferenceState` per request and layer and
+calls :func:`prefill` / :func:`decode_step` themselves, so the engine's choice *is* this code's. What it does, in the
+reference's terms:
 
 * **Prefill** (per *query* head, the reference's cache is GQA-expanded): the last ``window`` queries attend the whole
   prompt (causal inside the window, softmax in float32); the attention they pay to the *prefix* (everything before
@@ -28,9 +31,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from sentencekv_vllm.policies.base import Policy, PolicyConfig
 
 
 @dataclass
@@ -48,8 +54,10 @@ class ReferenceState:
 
 def prefill(queries: torch.Tensor, keys: torch.Tensor, punct: list[bool], semantic_budget: int, window: int = 32,
             kernel: int = 7) -> ReferenceState:
-    """queries ``[T, Hq, D]``, keys ``[T, Hk, D]`` post-RoPE; ``punct[t]``: token ``t`` is sentence-final."""
-    t, hq, d = queries.shape
+    """keys ``[T, Hk, D]`` post-RoPE; queries ``[W', Hq, D]``: the last prompt queries (at least ``min(window, T)``
+    of them; only the last ``window`` are read); ``punct[t]``: token ``t`` is sentence-final."""
+    t = keys.shape[0]
+    hq, d = queries.shape[1:]
     k = keys.float().repeat_interleave(hq // keys.shape[1], dim=1).transpose(0, 1)        # [Hq, T, D]
     if t < window:
         keep = torch.arange(t).expand(hq, t)
@@ -128,3 +136,37 @@ def _sentence_tokens(state: ReferenceState, h: int, q: torch.Tensor, left: int, 
             if left < i < right:
                 taken.append(i)
     return set(taken[:max(room, 0)])
+
+
+class Reference(Policy):
+    """The authors' decode as a served policy: per request and layer a :class:`ReferenceState` (compressed
+    ``semantic_budget`` cache per *query* head, punctuation sentences), stepped by :func:`decode_step` for every
+    generated token; each query head attends exactly the positions it returns.
+
+    A fidelity tool, not a serving mode: Python per request, layer and head, and the state holds GQA-expanded
+    float32 keys of the compressed cache (``L x Hq x (semantic_budget + generated) x D x 4`` bytes per request,
+    outside vLLM's KV budget, in host memory). It reads no unit feature, so it runs per request on any sentence
+    server; never with ``offload: host`` (it reads the device cache only).
+    """
+
+    name = "reference"
+    summary = ("the authors' SentenceKV step for step (`policies/reference.py`): per query head, compressed "
+               "semantic_budget cache, punctuation sentences; slow, for fidelity studies")
+    paged = False
+    stateful = True
+    #: the reference's ``length_threshold``: an open sentence this short attends the whole compressed cache
+    length_threshold: ClassVar[int] = 1
+
+    def init_state(self, keys: torch.Tensor, obs: torch.Tensor, punct: list[bool],
+                   cfg: PolicyConfig) -> ReferenceState:
+        """One layer of one request after its prefill: keys ``[T, Hk, D]``, obs ``[W, Hq, D]`` the captured window
+        queries (``W = 0``: none were captured, nothing to score with, so nothing is evicted)."""
+        window = cfg.obs_window if obs.shape[0] else keys.shape[0] + 1
+        # the oracle builds its index tensors on the CPU; its state stays there (it is read by Python anyway)
+        return prefill(obs.cpu(), keys.cpu(), punct, cfg.semantic_budget, window, cfg.pool_kernel)
+
+    def step(self, state: ReferenceState, query: torch.Tensor, key: torch.Tensor, position: int, punct: bool,
+             cfg: PolicyConfig) -> list[list[int]]:
+        """Add this decode token (query ``[Hq, D]``, key ``[Hk, D]``) and return each query head's positions."""
+        return decode_step(state, query.cpu(), key.cpu(), position, punct, cfg.budget, cfg.sinks, cfg.recent,
+                           self.length_threshold)

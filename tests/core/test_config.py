@@ -83,7 +83,8 @@ TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -
 @pytest.mark.parametrize("values,fragment", [
     ({"budget": True}, "sentencekv.budget: must be an integer, got True"),
     ({"budget": 50}, "sentencekv.budget: must exceed sinks + recent (32 + 32), got 50"),
-    ({"policy": "h2o"}, "sentencekv.policy: must be one of ['sentencekv', 'full', 'streaming', 'quest', 'snapkv']"),
+    ({"policy": "h2o"},
+     "sentencekv.policy: must be one of ['sentencekv', 'full', 'streaming', 'quest', 'snapkv', 'reference']"),
     ({"attention": "flash"}, "sentencekv.attention: must be one of ['auto', 'paged', 'exact']"),
     ({"trace_requests": True}, "sentencekv.trace_requests: must be an integer"),
     ({"trace_requests": 10_000}, "sentencekv.trace_requests: must be <= 256"),
@@ -95,6 +96,16 @@ def test_messages_name_the_key(values, fragment):
     with pytest.raises(SentenceKVConfigError) as err:
         SentenceKVConfig.from_dict(values)
     assert fragment in str(err.value)
+
+
+def test_reference_policy_refuses_the_host_tier_per_server_and_per_request():
+    """The reference policy reads the device cache only (``policies/reference.py``)."""
+    with pytest.raises(SentenceKVConfigError, match="sentencekv.policy: 'reference' reads the device cache only"):
+        SentenceKVConfig(policy="reference", offload="host")
+    host = SentenceKVConfig(offload="host")
+    with pytest.raises(SentenceKVConfigError, match="policy"):
+        host.with_request_overrides({"sentencekv_policy": "reference"})
+    assert SentenceKVConfig().with_request_overrides({"sentencekv_policy": "reference"}).policy == "reference"
 
 
 def test_ints_accept_no_bools_and_floats_accept_ints():

@@ -43,3 +43,19 @@ def test_probe_and_gather_roundtrip(write):
     heads = torch.arange(HK).view(1, HK, 1)
     torch.testing.assert_close(k, keys[pos, heads], rtol=0, atol=0)
     torch.testing.assert_close(v, values[pos, heads], rtol=0, atol=0)
+
+
+def test_gather_per_query_head_reads_each_heads_kv_head():
+    """Query heads 2h and 2h+1 share KV head h (GQA, adjacent): each gets its own positions from its KV head."""
+    cache = torch.zeros(4, HK, BS, 2 * D)
+    layout = BlockLayout.probe(write_cpu_like, cache, BS, HK, D)
+    gen = torch.Generator().manual_seed(1)
+    t = 2 * BS
+    keys, values = torch.randn(t, HK, D, generator=gen), torch.randn(t, HK, D, generator=gen)
+    block_table = torch.tensor([[2, 0]])
+    write_cpu_like(keys, values, cache, block_table[0, torch.arange(t) // BS] * BS + torch.arange(t) % BS)
+    pos = torch.randint(0, t, (1, 2 * HK, 7), generator=gen)
+    k, v = layout.gather_query_heads(cache, block_table, pos, HK)
+    kv_head = (torch.arange(2 * HK) // 2).view(1, -1, 1)
+    torch.testing.assert_close(k, keys[pos, kv_head], rtol=0, atol=0)
+    torch.testing.assert_close(v, values[pos, kv_head], rtol=0, atol=0)

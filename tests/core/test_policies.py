@@ -18,6 +18,7 @@ def test_config_and_eval_read_the_registry():
     assert engines.POLICIES[0] == "full" and set(engines.POLICIES) == set(policies.names())
     assert {p: engines.server_group(p) for p in engines.POLICIES} == {
         "full": "full", "sentencekv": "sentencekv", "streaming": "sentencekv", "snapkv": "sentencekv",
+        "reference": "sentencekv",
         "quest": "quest"}
 
 

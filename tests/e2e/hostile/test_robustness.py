@@ -155,7 +155,7 @@ def invalid_xargs(rng: random.Random, xargs: dict):
     elif kind == 1:
         xargs["sentencekv_budget"] = rng.choice(["256", 256.0, 128.5, True, None, [256]])
     elif kind == 2:
-        xargs["sentencekv_policy"] = rng.choice(["quest", "h2o", "SENTENCEKV", "", 3, None, ["full"]])
+        xargs["sentencekv_policy"] = rng.choice(["quest", "reference", "h2o", "SENTENCEKV", "", 3, None, ["full"]])
     elif kind == 3:
         xargs[rng.choice(["sentencekv_sinks", "sentencekv_offload", "sentencekv_", "sentencekv_bogus"])] = 4
     else:

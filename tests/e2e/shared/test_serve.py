@@ -115,6 +115,24 @@ def test_snapkv_baseline_per_request(shared, tokenizer):
     _healthy(shared)
 
 
+def test_reference_policy_runs_the_authors_step_per_request(shared, needle):
+    """Issue #13.9: ``sentencekv_policy: reference`` serves the authors' decode step for step (the worker steps
+    ``policies/reference.py``'s own state per request and layer). On the 4.5k needle at τ = 512 it finds the
+    needle; normal steps attend at most τ tokens per query head, while the first step attends the whole
+    compressed f·τ pool (1024 entries + the new token), which the served policy never does."""
+    before = _attended_buckets(shared.metrics())
+    res = shared.complete(needle, max_tokens=16, sentencekv_policy="reference")
+    assert "7291" in res.choices[0].text
+    after = _attended_buckets(shared.metrics())
+    steps = {b: after[b] - before.get(b, 0) for b in after}
+    # the first token comes from the prefill step; every later one from a decode row on the reference path
+    assert steps["+Inf"] == res.usage.completion_tokens - 1 >= 12
+    assert steps["512.0"] >= 12, "normal reference steps attend at most the budget"
+    assert steps["1536.0"] - steps["1024.0"] >= 1, "the first step attends the whole compressed pool"
+    assert steps["1536.0"] == steps["+Inf"]
+    _healthy(shared)
+
+
 def test_prometheus_scrapes_sentencekv_series(shared, tokenizer):
     """Issues #7, #17: a real Prometheus server scrapes vLLM's /metrics; the sentencekv series exist, move and
     carry vLLM's labels, on a server started without ``PROMETHEUS_MULTIPROC_DIR`` (KV-connector stats path)."""
