@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -45,6 +46,8 @@ REQUEST_OVERRIDABLE = ("budget", "policy", "dense_below")
 REQUEST_FLAGS = ("trace",)
 # Bound of the trace ring: one trace is itself bounded (``integration/trace.py``), so the ring's memory is too.
 MAX_TRACE_REQUESTS = 256
+# under vLLM's logger tree (its handlers and format) without importing vLLM here
+_LOGGER = logging.getLogger("vllm.plugins.sentencekv_vllm.config")
 
 
 class SentenceKVConfigError(ValueError):
@@ -207,6 +210,31 @@ class SentenceKVConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+def resolve_request(server: SentenceKVConfig, extra_args: Mapping[str, Any] | None,
+                    max_model_len: int | None = None) -> SentenceKVConfig:
+    """A request's effective config: the server's with the request's ``vllm_xargs.sentencekv_*`` overrides, by the
+    same rules as the server config, plus: the budget fits ``max_model_len`` (when given) and the policy uses the
+    server's units (``policies.compatible``: sentences vs pages). Raises :class:`SentenceKVConfigError` naming the
+    key; the API server turns it into a 400 before the request reaches the engine."""
+    req = server.with_request_overrides(extra_args)
+    if max_model_len is not None and req.budget > max_model_len:
+        raise SentenceKVConfigError("budget", f"must be <= max_model_len ({max_model_len}), got {req.budget}")
+    if not policies.compatible(req.policy, server.policy):
+        raise SentenceKVConfigError("policy", f"{req.policy!r} cannot be requested on a server running policy "
+                                    f"{server.policy!r} (different index units)")
+    return req
+
+
+def resolve_request_or_server(server: SentenceKVConfig, extra_args: Mapping[str, Any] | None) -> SentenceKVConfig:
+    """:func:`resolve_request` for EngineCore and the worker, which must never fail a batch: a request the API
+    server did not check (offline ``vllm.LLM``) with invalid overrides runs with the server's config, logged."""
+    try:
+        return resolve_request(server, extra_args)
+    except SentenceKVConfigError as err:
+        _LOGGER.warning("ignoring the request's SentenceKV overrides: %s", err)
+        return server
 
 
 def request_flag(value: Any) -> bool | None:

@@ -1,11 +1,10 @@
-"""Engine-free SentenceKV: segmentation, sentence index, selection mechanics, reference attention (pure torch).
+"""Engine-free SentenceKV: segmentation, sentence index, selection mechanics, attention over a selection (pure torch).
 
-The policies themselves (what each one scores and keeps) are in ``sentencekv_vllm/policies/``."""
+The policies themselves (what each one scores and keeps) are in ``sentencekv_vllm/policies/``; the test oracles in
+``core/reference.py`` (not exported here)."""
 
-from sentencekv_vllm.core.attention import gather_selected, gathered_attention, masked_attention
+from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.index import (
-                                        RunningMean,
-                                        SentenceIndex,
                                         page_bounds,
                                         retention_mask,
                                         sentence_centroids,
@@ -22,8 +21,7 @@ from sentencekv_vllm.core.segmentation import (
 from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch, UnitFeatures, group_mean_query
 
 __all__ = [
-    "FixedLengthSegmenter", "LengthRule", "PAD_POS", "PunctSegmenter", "RunningMean", "SelectionBatch",
-    "SentenceIndex", "SpacySegmenter", "TokenClasses", "UnitFeatures", "gather_selected", "gathered_attention",
-    "group_mean_query", "masked_attention", "page_bounds", "retention_mask", "sentence_centroids",
-    "snapkv_importance", "spans_from_ends",
+    "FixedLengthSegmenter", "LengthRule", "PAD_POS", "PunctSegmenter", "SelectionBatch", "SpacySegmenter",
+    "TokenClasses", "UnitFeatures", "gathered_attention", "group_mean_query", "page_bounds", "retention_mask",
+    "sentence_centroids", "snapkv_importance", "spans_from_ends",
 ]

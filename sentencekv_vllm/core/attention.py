@@ -31,28 +31,3 @@ def gathered_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Te
         details["probs"] = probs.sum(2)
     out = torch.matmul(probs, values.float())                                      # [R, Hk, G, D]
     return out.reshape(r, hq, d).to(query.dtype)
-
-
-def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Same as :func:`gathered_attention` for one request over its whole context with a token mask.
-
-    query ``[Hq, D]``; keys / values ``[T, Hk, D]``; mask ``[Hk, T]`` bool. Returns ``[Hq, D]``.
-    """
-    k = keys.permute(1, 0, 2)[None]
-    v = values.permute(1, 0, 2)[None]
-    return gathered_attention(query[None], k, v, mask[None], scale)[0]
-
-
-def gather_selected(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the selected tokens, ``width`` per (row, KV head), ascending.
-
-    mask ``[R, Hk, T]`` with at most ``width`` True per row/head. Returns (positions ``[R, Hk, width]`` long,
-    valid ``[R, Hk, width]`` bool); padding positions are 0 and invalid.
-    """
-    t = mask.shape[-1]
-    width = min(width, t)
-    # stable sort puts selected (key 0) before unselected (key 1), keeping position order
-    order = (~mask).to(torch.int8).argsort(dim=-1, stable=True)[..., :width]
-    valid = mask.gather(-1, order)
-    return order.masked_fill(~valid, 0), valid

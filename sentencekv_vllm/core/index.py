@@ -6,8 +6,6 @@ All functions are pure torch and run on whatever device the tensors are on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -85,54 +83,3 @@ def page_bounds(keys: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, 
     kmin = torch.full((len(spans), hk, d), float("inf"), device=keys.device).scatter_reduce_(0, sid, k, "amin")
     kmax = torch.full((len(spans), hk, d), float("-inf"), device=keys.device).scatter_reduce_(0, sid, k, "amax")
     return kmin, kmax
-
-
-@dataclass
-class SentenceIndex:
-    """Index of one request in one layer (the engine keeps the same data in pooled tensors).
-
-    spans ``[S, 2]``; centroids ``[S, Hk, D]``; valid ``[S, Hk]``.
-    """
-
-    spans: torch.Tensor
-    centroids: torch.Tensor
-    valid: torch.Tensor
-
-    @classmethod
-    def build(cls, keys: torch.Tensor, obs_queries: torch.Tensor | None, spans: torch.Tensor,
-              semantic_budget: int, pool_kernel: int = 7, keep_unretained: bool = True) -> "SentenceIndex":
-        """Batch build after the exact prefill (obs_queries None -> no retention, all tokens count)."""
-        retained = None
-        if obs_queries is not None:
-            retained = retention_mask(snapkv_importance(obs_queries, keys, pool_kernel), semantic_budget)
-        cent, valid = sentence_centroids(keys, spans, retained, keep_unretained)
-        return cls(spans.clone(), cent, valid)
-
-    def append(self, start: int, end: int, centroid: torch.Tensor) -> None:
-        """Add a generated sentence ``[start, end)`` with its centroid ``[Hk, D]``."""
-        span = torch.tensor([[start, end]], dtype=self.spans.dtype, device=self.spans.device)
-        self.spans = torch.cat([self.spans, span])
-        self.centroids = torch.cat([self.centroids, centroid.float()[None]])
-        self.valid = torch.cat([self.valid, self.valid.new_ones(1, self.valid.shape[1])])
-
-
-class RunningMean:
-    """Running sum of per-token vectors of the open sentence (keys for centroids, queries for the decode query).
-
-    The engine keeps one per request and layer as rows of a pooled tensor; this class is its reference.
-    """
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def push(self, x: torch.Tensor) -> None:
-        self.total = x.float().clone() if self.total is None else self.total + x.float()
-        self.count += 1
-
-    def mean(self) -> torch.Tensor:
-        assert self.total is not None, "empty sentence"
-        return self.total / self.count
-
-    def reset(self) -> None:
-        self.total, self.count = None, 0

@@ -3,7 +3,8 @@
 Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``,
 ``num_tokens_no_spec``), its
 ``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, ``_update_states`` (to see
-``SchedulerOutput.preempted_req_ids``), and the CPU attention custom ops (``cpu_attn_get_scheduler_metadata``).
+``SchedulerOutput.preempted_req_ids``), the CPU attention custom ops (``cpu_attn_get_scheduler_metadata``), and
+``KVCacheSpecRegistry._ensure_registered`` (built-in specs first, so ours does not shadow them).
 """
 
 from __future__ import annotations
@@ -128,3 +129,12 @@ def model_dims(vllm_config: Any) -> tuple[int, int, int, int]:
     (the CPU and FlashAttention builders name these attributes differently)."""
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
     return (mc.get_num_layers(pc), mc.get_num_kv_heads(pc), mc.get_num_attention_heads(pc), mc.get_head_size())
+
+
+def register_kv_spec(spec: type, manager: type, base: type) -> None:
+    """Map a KV cache spec to its manager in vLLM's spec registry (the built-in entries must exist first, or the
+    registry's lazy init would overwrite ours)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=base)

@@ -5,11 +5,12 @@ worker-side statistics onto the API server's ``/metrics`` is the connector's sta
 ``build_kv_connector_stats`` / ``build_prom_metrics``, see :mod:`~sentencekv_vllm.integration.metrics`).
 
 With ``offload: host`` it also carries the host tier. Scheduler role (EngineCore): registers the spec/manager pair,
-learns each request's budget/policy (``get_num_new_matched_tokens``), and ships the manager's spill decisions and
-host-slot releases in the step's connector metadata. Worker role: ``handle_preemptions`` runs first in
-``execute_model``, before the forward, so the copies to host happen before any freed block can be overwritten; it
-also updates each request's host-block map used by the sparse gather. Without the host tier those hooks do
-nothing. No external KV is ever loaded: ``get_num_new_matched_tokens`` always answers 0.
+learns each request's budget/policy (``get_num_new_matched_tokens``), and ships the manager's spill decisions in
+the step's connector metadata (host slots are released on the scheduler side alone). Worker role:
+``handle_preemptions`` runs first in ``execute_model``, before the forward, so the copies to host happen before
+any freed block can be overwritten; it also updates each request's host-block map used by the sparse gather.
+Without the host tier those hooks do nothing. No external KV is ever loaded: ``get_num_new_matched_tokens`` always
+answers 0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from sentencekv_vllm.config import SentenceKVConfig
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.log import get_logger
-from sentencekv_vllm.integration.tiers import ENGINE, HostPool, host_block_bytes
+from sentencekv_vllm.integration.tier.messages import Spill, host_block_bytes
+from sentencekv_vllm.integration.tier.scheduler import ENGINE
 
 logger = get_logger(__name__)
 CONNECTOR_NAME = "SentenceKVConnector"
@@ -31,9 +33,9 @@ CONNECTOR_MODULE = "sentencekv_vllm.integration.connector"
 
 @dataclass
 class SentenceKVConnectorMetadata(KVConnectorMetadata):
-    spills: list[tuple[str, int, int, int, bool]] = field(default_factory=list)  # (req, logical, block, slot, kept)
-    releases: list[str] = field(default_factory=list)
-    host_used: int = 0
+    """One step's message from the host tier's scheduler side to its worker side (``tier/messages.py``)."""
+
+    spills: list[Spill] = field(default_factory=list)
 
 
 class SentenceKVConnector(KVConnectorBase_V1):
@@ -46,7 +48,7 @@ class SentenceKVConnector(KVConnectorBase_V1):
         if kv_cache_config is not None and self.tiered:
             self.host_capacity = int(self.cfg.host_pool_gib * 2**30) // max(1, host_block_bytes(kv_cache_config))
         if role == KVConnectorRole.SCHEDULER and self.tiered:
-            from sentencekv_vllm.integration import kv_spec
+            from sentencekv_vllm.integration.tier import kv_spec
 
             kv_spec.register()
             ENGINE.configure(self.cfg, self.host_capacity, vllm_config.cache_config.block_size)
@@ -69,8 +71,7 @@ class SentenceKVConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> SentenceKVConnectorMetadata:
         if not self.tiered:
             return SentenceKVConnectorMetadata()
-        spills, releases = ENGINE.take_pending()
-        return SentenceKVConnectorMetadata(spills=spills, releases=releases, host_used=ENGINE.host_used)
+        return SentenceKVConnectorMetadata(spills=ENGINE.take_pending())
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         if self.tiered:
@@ -83,7 +84,9 @@ class SentenceKVConnector(KVConnectorBase_V1):
         """Called by vLLM every step: in the worker after the forward (or in a step without one), in EngineCore
         from ``update_from_output``. Gauges are re-read here so they are exact also when the engine goes idle."""
         if self.role == KVConnectorRole.WORKER:
-            metrics.snapshot_worker()
+            from sentencekv_vllm.integration.state import STATE
+
+            metrics.snapshot_worker(**STATE.gauges())
         elif self.tiered:
             metrics.snapshot_scheduler(ENGINE.host_used)
         return metrics.take()
@@ -105,15 +108,16 @@ class SentenceKVConnector(KVConnectorBase_V1):
         if not self.tiered:
             return
         from sentencekv_vllm.integration.state import STATE
+        from sentencekv_vllm.integration.tier.host_pool import HostPool
 
-        STATE.host = HostPool(kv_caches, self.host_capacity)
+        STATE.attach_host(HostPool(kv_caches, self.host_capacity))
 
     def handle_preemptions(self, metadata: SentenceKVConnectorMetadata) -> None:
         if not self.tiered:
             return
         from sentencekv_vllm.integration.state import STATE
 
-        STATE.apply_tier_changes(metadata.spills, metadata.releases, metadata.host_used)
+        STATE.apply_spills(metadata.spills)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         return None

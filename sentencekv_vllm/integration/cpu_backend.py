@@ -1,21 +1,33 @@
 """Extension point: the attention backend on CPU (CPU_ATTN underneath). Backend / Builder / Impl split.
 
 * Backend: CPU_ATTN's static facts (cache layout, block sizes, dtypes) under the name ``SENTENCEKV``.
-* Builder: the stock metadata plus a per-step plan (:mod:`~sentencekv_vllm.integration.planner`).
+* Builder: the stock metadata plus a per-step plan (:mod:`~sentencekv_vllm.integration.planner`), typed as
+  :class:`SentenceKVCPUMetadata`.
 * Impl: :class:`~sentencekv_vllm.integration.impl.SentenceKVImplMixin` over the stock impl.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
 
 from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
 from sentencekv_vllm.integration.impl import SentenceKVBackendMixin, SentenceKVBuilderMixin, SentenceKVImplMixin
+from sentencekv_vllm.integration.planner import StepPlan
+
+
+@dataclass
+class SentenceKVCPUMetadata(CPUAttentionMetadata):
+    """CPU_ATTN's metadata plus the step plan every layer's forward reads (None: the stock path)."""
+
+    plan: StepPlan | None = None
 
 
 class SentenceKVCPUBackend(SentenceKVBackendMixin, CPUAttentionBackend):
@@ -29,6 +41,7 @@ class SentenceKVCPUBackend(SentenceKVBackendMixin, CPUAttentionBackend):
 
 
 class SentenceKVCPUBuilder(SentenceKVBuilderMixin, CPUAttentionMetadataBuilder):
+    metadata_cls = SentenceKVCPUMetadata
     # CPU_ATTN keeps each (block, KV head) contiguous ([blocks, Hk, block, 2*D]), so [blocks * Hk, 1, block, 2*D]
     # is a valid cache of one KV head per sequence
     supports_paged_sparse = True

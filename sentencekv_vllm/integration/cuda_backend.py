@@ -14,6 +14,7 @@ steps would select with stale state, and with the host tier the replayed dense k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -21,10 +22,19 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
+    FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
 
 from sentencekv_vllm.integration.impl import SentenceKVBackendMixin, SentenceKVBuilderMixin, SentenceKVImplMixin
+from sentencekv_vllm.integration.planner import StepPlan
+
+
+@dataclass
+class SentenceKVFlashMetadata(FlashAttentionMetadata):
+    """FlashAttention's metadata plus the step plan every layer's forward reads (None: the stock path)."""
+
+    plan: StepPlan | None = None
 
 
 class SentenceKVFlashBackend(SentenceKVBackendMixin, FlashAttentionBackend):
@@ -42,6 +52,7 @@ class SentenceKVFlashBackend(SentenceKVBackendMixin, FlashAttentionBackend):
 
 
 class SentenceKVFlashBuilder(SentenceKVBuilderMixin, FlashAttentionMetadataBuilder):
+    metadata_cls = SentenceKVFlashMetadata
     # vLLM's runner resolves FULL_AND_PIECEWISE -> PIECEWISE for NEVER when attention is a splitting op (the
     # default), and refuses explicit FULL modes (``CompilationConfig.resolve_cudagraph_mode_and_sizes``).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER

@@ -22,28 +22,11 @@ from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import BlockLayout
-from sentencekv_vllm.integration.planner import DenseSubset, Finalize, SparseGroup, StepPlan, plan_step
+from sentencekv_vllm.integration.planner import DenseSubset, IndexBuild, SparseGroup, StepPlan, plan_step
 from sentencekv_vllm.integration.state import STATE, UnitStore
+from sentencekv_vllm.integration.tier.host_reads import make_resident, read_host_tokens
 
 _LAYOUTS: dict[tuple, BlockLayout] = {}
-
-
-def with_plan(metadata, plan: StepPlan | None):
-    """Copy of the stock metadata dataclass carrying the step plan (an attribute the stock impl ignores)."""
-    md = dataclasses.replace(metadata)
-    md.plan = plan
-    return md
-
-
-def offload_spec(spec):
-    """``customize_spec`` hook: with ``offload: host`` the KV groups use the SentenceKV spec/manager pair."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-    if STATE.cfg.offload != "host" or type(spec) is not FullAttentionSpec:
-        return spec
-    from sentencekv_vllm.integration.kv_spec import SentenceKVSpec
-
-    return SentenceKVSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init})
 
 
 class SentenceKVBackendMixin:
@@ -59,16 +42,23 @@ class SentenceKVBackendMixin:
 
     @classmethod
     def customize_spec(cls, spec):
-        return offload_spec(spec)
+        from sentencekv_vllm.integration.tier.kv_spec import offload_spec
+
+        return offload_spec(spec, STATE.cfg)
 
 
 class SentenceKVBuilderMixin:
-    """Stock metadata plus the step plan; sub-batch metadata for the dense rows (placed before the stock builder)."""
+    """Stock metadata plus the step plan, as the backend's typed subclass of the stock metadata
+    (``metadata_cls``, a dataclass with a ``plan`` field); sub-batch metadata for the dense rows (placed before the
+    stock builder)."""
+
+    metadata_cls: type
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         base = super().build(self.prefix_len(common_prefix_len), common_attn_metadata, fast_build)
         plan = plan_step(self, common_attn_metadata, base) if STATE.runner is not None else None
-        return with_plan(base, plan)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+        return self.metadata_cls(**fields, plan=plan)
 
     def prefix_len(self, common_prefix_len: int) -> int:
         return common_prefix_len
@@ -103,15 +93,15 @@ class SentenceKVImplMixin:
                                    output_block_scale)
         if self._layer is None:
             self._layer = layer_index(layer.layer_name)
-        lyr = self._layer
+        layer_idx = self._layer
         store = STATE.store
         assert store is not None
         for copy in plan.obs:
-            copy.req.obs[lyr, copy.dst_lo:copy.dst_lo + len(copy.src)] = query[copy.src].float()
-        if plan.book is not None:
-            self._update_running_sums(store, lyr, query, key, plan)
-        for job in plan.finalize:
-            self._build_index(store, lyr, layer, kv_cache, job)
+            copy.req.obs[layer_idx, copy.dst_lo:copy.dst_lo + len(copy.src)] = query[copy.src].float()
+        if plan.fold is not None:
+            self._update_running_sums(store, layer_idx, query, key, plan)
+        for job in plan.index_builds:
+            self._build_index(store, layer_idx, layer, kv_cache, job)
         if not plan.sparse:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
@@ -120,26 +110,26 @@ class SentenceKVImplMixin:
         counts: list[int] = []
         for group in plan.sparse:
             if group.punct is not None:
-                counts += self._sparse_stateful(lyr, layer, query, key, kv_cache, output, group)
+                counts += self._sparse_stateful(layer_idx, layer, query, key, kv_cache, output, group)
                 continue
             sparse = self._sparse_paged if group.paged is not None else self._sparse
-            counts += sparse(store, lyr, layer, query, kv_cache, output, group)
+            counts += sparse(store, layer_idx, layer, query, kv_cache, output, group)
         metrics.observe_attended(counts)
         return output
 
     # -- index maintenance ---------------------------------------------------------------------------------
 
-    def _update_running_sums(self, store: UnitStore, lyr: int, query, key, plan: StepPlan) -> None:
+    def _update_running_sums(self, store: UnitStore, layer_idx: int, query, key, plan: StepPlan) -> None:
         """Add this step's token of every indexed decode row to its open unit: the query summed over each KV
         head's query group (the selection query) and the key statistics (closing and resetting are per step, in
         the planner)."""
-        book = plan.book
-        tok = book.rows if book.rows is not None else book.tok
+        fold = plan.fold
+        tok = fold.rows if fold.rows is not None else fold.tok
         q, k = query[tok], key[tok]
         q = q.view(q.shape[0], self.num_kv_heads, -1, self.head_size).sum(2, dtype=torch.float32)
-        store.fold_open(lyr, book.slot, q, k.float())
+        store.fold_open(layer_idx, fold.slot, q, k.float())
 
-    def _build_index(self, store: UnitStore, lyr: int, layer, kv_cache, job: Finalize) -> None:
+    def _build_index(self, store: UnitStore, layer_idx: int, layer, kv_cache, job: IndexBuild) -> None:
         """Prompt index for this layer, from the keys just written to the paged cache: the unit features of the
         server's policies, and the request's own token-level features (SnapKV) if its policy has some."""
         req = job.req
@@ -147,24 +137,18 @@ class SentenceKVImplMixin:
         pos = torch.arange(n, device=kv_cache.device).view(1, 1, n).expand(1, self.num_kv_heads, n)
         keys, _ = self._block_layout(layer, kv_cache).gather(kv_cache, job.block_row, pos)
         keys = keys[0].transpose(0, 1)                                       # [T, Hk, D]
-        lo = req.obs_lo if req.obs_lo is not None else req.obs.shape[1]
-        obs = req.obs[lyr, lo:] if lo < req.obs.shape[1] else None
+        obs = req.window(layer_idx)
         for policy in policies.indexers(STATE.units):
             feats, valid = policy.build_units(keys, job.spans, obs, req.cfg)
             for name, value in feats.items():
-                store.units[name][lyr, job.unit_slots] = value
-            store.valid[lyr, job.unit_slots] = valid
+                store.units[name][layer_idx, job.unit_slots] = value
+            store.valid[layer_idx, job.unit_slots] = valid
         policy = policies.get(req.cfg.policy)
+        layer_state = None
         if policy.stateful:
-            if req.layer_states is None:
-                req.layer_states = [None] * store.dims[0]
             window = obs if obs is not None else keys.new_zeros(0, self.num_heads, self.head_size, dtype=torch.float32)
-            req.layer_states[lyr] = policy.init_state(keys, window, req.punct or [False] * n, req.cfg)
-        tokens = policy.build_tokens(keys, obs, req.cfg)
-        if tokens is not None:
-            if req.tokens is None:
-                req.tokens = tokens.new_full((store.dims[0], *tokens.shape), -1)
-            req.tokens[lyr] = tokens
+            layer_state = policy.init_state(keys, window, req.punct or [False] * n, req.cfg)
+        req.set_layer_index(layer_idx, store.dims[0], policy.build_tokens(keys, obs, req.cfg), layer_state)
 
     # -- attention -----------------------------------------------------------------------------------------
 
@@ -175,15 +159,16 @@ class SentenceKVImplMixin:
         super().forward(layer, q, key[dense.tok], value[dense.tok], kv_cache, dense.metadata, out)
         output[dense.tok] = out
 
-    def _unit_features(self, store: UnitStore, lyr: int, g: SparseGroup) -> tuple[torch.Tensor, UnitFeatures]:
+    def _unit_features(self, store: UnitStore, layer_idx: int, group: SparseGroup) -> tuple[torch.Tensor, UnitFeatures]:
         """Selection query (mean query of the open sentence over each KV head's query group) and unit features."""
         group = self.num_heads // self.num_kv_heads
-        q_sel = store.query_sums(lyr, g.slot) / (g.q_count * group)[:, None, None]
-        valid = store.valid_rows(lyr, g.unit_slots) & g.unit_valid[..., None]
-        policy = policies.get(g.policy)
-        return q_sel, policy.features(store.unit_rows(lyr, g.unit_slots, policy.slots), valid)
+        q_sel = store.query_sums(layer_idx, group.slot) / (group.q_count * group)[:, None, None]
+        valid = store.valid_rows(layer_idx, group.unit_slots) & group.unit_valid[..., None]
+        policy = policies.get(group.policy)
+        return q_sel, policy.features(store.unit_rows(layer_idx, group.unit_slots, policy.slots), valid)
 
-    def _sparse_paged(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
+    def _sparse_paged(self, store: UnitStore, layer_idx: int, layer, query, kv_cache, output,
+                      group: SparseGroup) -> list[int]:
         """Score sentences, take the blocks that hold the best ones (``core/blocks.py``), and let the stock kernel
         read them in place through the head-split view of the cache: no gather, no copy.
 
@@ -191,72 +176,79 @@ class SentenceKVImplMixin:
         blocks a row takes. Padding units need no mask: they map to the padding column.
         """
         t0 = time.perf_counter()
-        paged = g.paged
+        paged = group.paged
         blocks = paged.blocks
         if blocks is None:
-            policy = policies.get(g.policy)
-            units = store.unit_rows(lyr, g.unit_slots, policy.slots, scratch=True)
-            feats = policy.features(units, store.valid_rows(lyr, g.unit_slots), scratch=True)
-            scores = policy.score(store.query_sums(lyr, g.slot), feats)
+            policy = policies.get(group.policy)
+            units = store.unit_rows(layer_idx, group.unit_slots, policy.slots, scratch=True)
+            feats = policy.features(units, store.valid_rows(layer_idx, group.unit_slots), scratch=True)
+            scores = policy.score(store.query_sums(layer_idx, group.slot), feats)
             blocks = select_blocks(block_scores(scores, paged.plan), paged.plan)
         tables = paged.tables
         t1 = time.perf_counter()
-        if g.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks
+        if group.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks
             r = blocks.shape[0]
-            resident, _ = self._make_resident(lyr, g, blocks.reshape(r, -1), (blocks != paged.plan.trash).view(r, -1))
+            resident, _ = make_resident(STATE.host, layer_idx, STATE.step, group.reqs, group.block_table,
+                                        group.host_slots, blocks.reshape(r, -1),
+                                        (blocks != paged.plan.trash).view(r, -1))
             tables = head_split_tables(resident, self.num_kv_heads, paged.plan.trash)
         paged.metadata.block_table = physical_tables(blocks, tables)
         t2 = time.perf_counter()
         n, hk, bs, width = kv_cache.shape
-        rows = g.rows if g.rows is not None else g.tok
+        rows = group.rows if group.rows is not None else group.tok
         q = query[rows].reshape(-1, self.num_heads // hk, self.head_size)    # q is a strided view of qkv
-        in_place = g.rows is not None and output[rows].is_contiguous()
+        in_place = group.rows is not None and output[rows].is_contiguous()
         out = output[rows].view(q.shape) if in_place else torch.empty_like(q)
         super().forward(layer, q, None, None, kv_cache.view(n * hk, 1, bs, width), paged.metadata, out)
         if not in_place:
-            output[g.tok] = out.view(-1, self.num_heads, self.head_size)
+            output[group.tok] = out.view(-1, self.num_heads, self.head_size)
         metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t2, transfer=t2 - t1)
-        return paged.plan.seq_lens.tolist() if lyr == 0 else []
+        return paged.plan.seq_lens.tolist() if layer_idx == 0 else []
 
-    def _sparse(self, store: UnitStore, lyr: int, layer, query, kv_cache, output, g: SparseGroup) -> list[int]:
+    def _sparse(self, store: UnitStore, layer_idx: int, layer, query, kv_cache, output,
+                group: SparseGroup) -> list[int]:
         """Select per KV head, gather the selected K/V from the paged cache, exact softmax over them."""
         t0 = time.perf_counter()
-        policy = policies.get(g.policy)
-        q_sel, feats = self._unit_features(store, lyr, g) if policy.uses_query else (None, None)
-        tokens = g.tokens.layer(lyr) if g.tokens is not None else None
-        details: dict | None = {} if g.traced else None
-        pos, ok = policy.positions(q_sel, feats, g.batch, g.width, details, tokens)
+        policy = policies.get(group.policy)
+        q_sel, feats = self._unit_features(store, layer_idx, group) if policy.uses_query else (None, None)
+        tokens = group.tokens.layer(layer_idx) if group.tokens is not None else None
+        details: dict | None = {} if group.traced else None
+        pos, ok = policy.positions(q_sel, feats, group.batch, group.width, details, tokens)
         if pos.shape[1] != self.num_kv_heads:
             pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
         t1 = time.perf_counter()
         layout = self._block_layout(layer, kv_cache)
-        block_table, host_slots = g.block_table, g.host_slots
-        if host_slots is not None:
-            block_table, host_slots = self._hot_tables(layout, lyr, g, pos, ok)
+        block_table, host_slots = group.block_table, group.host_slots
+        if host_slots is not None:     # single-head policies expand pos over heads: reshape, not view
+            r = pos.shape[0]
+            block_table, host_slots = make_resident(STATE.host, layer_idx, STATE.step, group.reqs, block_table,
+                                                    host_slots, (pos // layout.block_size).reshape(r, -1),
+                                                    ok.reshape(r, -1))
         t2 = time.perf_counter()
         k, v = layout.gather(kv_cache, block_table, pos)
         t3 = time.perf_counter()
         if host_slots is not None:
-            k, v = self._swap_in(layout, lyr, host_slots, pos, ok, k, v)
+            k, v = read_host_tokens(STATE.host, layout, layer_idx, host_slots, pos, ok, k, v)
         t4 = time.perf_counter()
-        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale, details).to(output.dtype)
+        output[group.tok] = gathered_attention(query[group.tok], k, v, ok, self.scale, details).to(output.dtype)
         t5 = time.perf_counter()
         # CPU ops are synchronous, so these are exact there; on CUDA they are launch times
         metrics.observe_decode_phases(selection=t1 - t0, attention=(t3 - t2) + (t5 - t4),
                                       transfer=(t2 - t1) + (t4 - t3))
         if details is not None and "scores" in details:
-            self._trace(lyr, g, details, pos, ok)
-        return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
+            self._trace(layer_idx, group, details, pos, ok)
+        return ok.sum(-1).max(-1).values.tolist() if layer_idx == 0 else []
 
-    def _sparse_stateful(self, lyr: int, layer, query, key, kv_cache, output, g: SparseGroup) -> list[int]:
+    def _sparse_stateful(self, layer_idx: int, layer, query, key, kv_cache, output, group: SparseGroup) -> list[int]:
         """A stateful policy (``reference``): per row, the policy steps its own state of this layer with this
         token and returns the positions each *query* head attends; they are gathered per query head and attended
         exactly (a query head is its own group of one)."""
         t0 = time.perf_counter()
-        policy = policies.get(g.policy)
-        rows = g.tok.tolist()
-        chosen = [policy.step(req.layer_states[lyr], query[t], key[t], pos, punct, req.cfg)
-                  for req, t, pos, punct in zip(g.reqs, rows, (g.batch.seq_lens - 1).tolist(), g.punct, strict=True)]
+        policy = policies.get(group.policy)
+        rows = group.tok.tolist()
+        positions = (group.batch.seq_lens - 1).tolist()
+        chosen = [policy.step(req.layer_states[layer_idx], query[t], key[t], pos, punct, req.cfg)
+                  for req, t, pos, punct in zip(group.reqs, rows, positions, group.punct, strict=True)]
         r, hq, hk = len(rows), self.num_heads, self.num_kv_heads
         width = max(len(heads) for per_row in chosen for heads in per_row)
         pos = torch.zeros(r, hq, width, dtype=torch.long)
@@ -267,18 +259,18 @@ class SentenceKVImplMixin:
                 ok[j, h, :len(heads)] = True
         pos, ok = pos.to(query.device), ok.to(query.device)
         t1 = time.perf_counter()
-        k, v = self._block_layout(layer, kv_cache).gather_query_heads(kv_cache, g.block_table, pos, hk)
-        output[g.tok] = gathered_attention(query[g.tok], k, v, ok, self.scale).to(output.dtype)
+        k, v = self._block_layout(layer, kv_cache).gather_query_heads(kv_cache, group.block_table, pos, hk)
+        output[group.tok] = gathered_attention(query[group.tok], k, v, ok, self.scale).to(output.dtype)
         metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t1, transfer=0.0)
-        return ok.sum(-1).max(-1).values.tolist() if lyr == 0 else []
+        return ok.sum(-1).max(-1).values.tolist() if layer_idx == 0 else []
 
-    def _trace(self, lyr: int, g: SparseGroup, details: dict, pos, ok) -> None:
+    def _trace(self, layer_idx: int, group: SparseGroup, details: dict, pos, ok) -> None:
         """Accumulate, per unit, selections, scores and the attention mass its selected tokens received (sinks and
         the recent window excluded), over layers and heads; hand them to the requests at the last layer."""
         chosen = details["allowed"] > 0
         hits = chosen.sum(1).float()
         scores = details["scores"].masked_fill(~chosen, 0).sum(1)
-        b = g.batch
+        b = group.batch
         r, hk, w = pos.shape
         middle = ok & (pos >= b.sinks.view(r, 1, 1)) & (pos < (b.seq_lens - b.recent).view(r, 1, 1))
         unit = torch.searchsorted(b.ends.contiguous(), pos.reshape(r, -1), right=True).view(r, hk, w)
@@ -287,57 +279,11 @@ class SentenceKVImplMixin:
         mass.scatter_add_(1, unit.clamp(max=n_units).reshape(r, -1),
                           (details["probs"] * middle).reshape(r, -1))
         acc = (hits, scores, mass[:, :n_units])
-        g.trace_acc = acc if g.trace_acc is None else tuple(a + x for a, x in zip(g.trace_acc, acc, strict=True))
-        if lyr == STATE.store.dims[0] - 1:
-            for row, req, n in g.traced:
-                req.trace.add(*(a[row, :n] for a in g.trace_acc))
-
-    def _hot_tables(self, layout: BlockLayout, lyr: int, g: SparseGroup, pos, ok):
-        """Swap this layer's selected host blocks into each request's hot set (``hotset.py``); returns the block
-        table and host-slot table the gather then uses (hot blocks read from the device, the rest from the host)."""
-        r = pos.shape[0]
-        # reshape: single-head policies expand pos over heads
-        return self._make_resident(lyr, g, (pos // layout.block_size).reshape(r, -1), ok.reshape(r, -1))
-
-    def _make_resident(self, lyr: int, g: SparseGroup, logical: torch.Tensor, valid: torch.Tensor):
-        """Per request, the selected host-tier blocks (``logical`` ``[R, N]`` where ``valid``), most-selected first,
-        go through the request's hot set; returns (block table, host-slot table) with resident blocks remapped."""
-        logical = logical.masked_fill(~valid, 0)
-        on_host = valid & (g.host_slots.gather(1, logical) >= 0)
-        block_table, host_slots = g.block_table.long().clone(), g.host_slots.clone()
-        hits = misses = loaded = 0
-        for j, req in enumerate(g.reqs):
-            if req.hot is None or not len(req.hot):
-                continue
-            blocks, counts = torch.unique(logical[j][on_host[j]], return_counts=True)
-            needed = blocks[counts.argsort(descending=True, stable=True)]
-
-            def load(dst: torch.Tensor, src: torch.Tensor, j: int = j) -> None:
-                STATE.host.load(lyr, dst, g.host_slots[j, src])
-
-            held, ids, n_hit, n_loaded = req.hot.resolve(lyr, needed, STATE.step, load)
-            block_table[j, held], host_slots[j, held] = ids, -1
-            hits, misses, loaded = hits + n_hit, misses + needed.numel() - n_hit, loaded + n_loaded
-        if hits or misses:
-            bytes_per_block = STATE.host.pool[lyr].shape[1] * STATE.host.pool[lyr].element_size()
-            metrics.observe_hot_set(hits, misses, loaded, loaded * bytes_per_block)
-        return block_table, host_slots
-
-    def _swap_in(self, layout: BlockLayout, lyr: int, host_table, pos, ok, k, v):
-        """Selected tokens whose blocks are on the host and not in the hot set are read token-wise from the host."""
-        r, hk, w = pos.shape
-        slots = host_table.gather(1, (pos // layout.block_size).reshape(r, -1)).view(r, hk, w)
-        on_host = (slots >= 0) & ok
-        if not bool(on_host.any()):
-            metrics.observe_swap_in(0, int(ok.sum()), lyr)
-            return k, v
-        host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()
-        hk_, hv_ = layout.gather_blocks(STATE.host.pool[lyr], host_slots, host_pos)
-        sel = on_host[..., None]
-        k = torch.where(sel, hk_.to(k.device, non_blocking=True), k)
-        v = torch.where(sel, hv_.to(v.device, non_blocking=True), v)
-        metrics.observe_swap_in(int(on_host.sum()), int(ok.sum()), lyr, 2 * k.shape[-1] * k.element_size())
-        return k, v
+        prev = group.trace_acc
+        group.trace_acc = acc if prev is None else tuple(a + x for a, x in zip(prev, acc, strict=True))
+        if layer_idx == STATE.store.dims[0] - 1:
+            for row, req, n in group.traced:
+                req.trace.add(*(a[row, :n] for a in group.trace_acc))
 
     def _block_layout(self, layer, kv_cache) -> BlockLayout:
         """Probed once per cache shape (layers of one model share it)."""

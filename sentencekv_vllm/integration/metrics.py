@@ -207,34 +207,31 @@ def _counter(key: str, value: float) -> None:
         COLLECTOR.record(COUNTER, key, value)
 
 
-# -- observation points (signatures used by planner, impl, state, tiers) ---------------------------------------
+# -- observation points (signatures used by planner, impl, the host tier) ---------------------------------------
 
 
-def observe_step(plan: Any) -> None:
-    """Worker, once per step (planner): sparse vs dense decode rows."""
+def observe_step(sparse_rows: int, decode_rows: int) -> None:
+    """Worker, once per step (planner): sparse vs dense decode rows (of the indexed decode rows)."""
     if not COLLECTOR.enabled:
         return
-    sparse = plan.stats.get("sparse_rows", 0)
-    _counter("sparse_rows", sparse)
-    if plan.book is not None:
-        _counter("dense_rows", max(0, len(plan.book.tok) - sparse))
+    _counter("sparse_rows", sparse_rows)
+    _counter("dense_rows", max(0, decode_rows - sparse_rows))
 
 
-def snapshot_worker() -> None:
-    """Worker gauges, read when vLLM collects the step's stats (after ``_update_states`` dropped finished
-    requests, also in steps without a forward), so they are exact once the engine goes idle."""
+def snapshot_worker(requests: int, units: int | None = None, index_bytes: int | None = None,
+                    swap_out_bytes: int | None = None) -> None:
+    """Worker gauges (``WorkerState.gauges``), read when vLLM collects the step's stats (after ``_update_states``
+    dropped finished requests, also in steps without a forward), so they are exact once the engine goes idle.
+    ``swap_out_bytes`` is the host pool's running total; the counter gets its growth."""
     if not COLLECTOR.enabled:
         return
-    from sentencekv_vllm.integration.state import STATE
-
-    COLLECTOR.record(GAUGE, "requests", len(STATE.requests))
-    if STATE.store is not None:
-        COLLECTOR.record(GAUGE, "units", STATE.store.capacity - len(STATE.store.free_units))
-        COLLECTOR.record(GAUGE, "index_bytes", STATE.store.nbytes())
-    if STATE.host is not None:
-        out = STATE.host.bytes_out
-        _counter("swap_out_bytes", out - COLLECTOR.swap_out_reported)
-        COLLECTOR.swap_out_reported = out
+    COLLECTOR.record(GAUGE, "requests", requests)
+    if units is not None:
+        COLLECTOR.record(GAUGE, "units", units)
+        COLLECTOR.record(GAUGE, "index_bytes", index_bytes or 0)
+    if swap_out_bytes is not None:
+        _counter("swap_out_bytes", swap_out_bytes - COLLECTOR.swap_out_reported)
+        COLLECTOR.swap_out_reported = swap_out_bytes
 
 
 def snapshot_scheduler(host_used: int) -> None:

@@ -23,6 +23,7 @@ from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import RowInfo, model_dims, runner_rows
 from sentencekv_vllm.integration.state import STATE, RequestState, new_stream
+from sentencekv_vllm.integration.tier.host_reads import host_slot_table, hot_sets_hold
 from sentencekv_vllm.policies.base import TokenFeatures
 
 
@@ -34,7 +35,7 @@ class ObsCopy:
 
 
 @dataclass
-class Finalize:
+class IndexBuild:
     """Build the prompt index of one request in every layer (its last prefill chunk runs this step)."""
 
     req: RequestState
@@ -44,7 +45,7 @@ class Finalize:
 
 
 @dataclass
-class DecodeBook:
+class FoldRows:
     """The indexed decode rows whose token each layer folds into its open sentence's running statistics.
 
     Sentences that close at this step and the rows that start a new one are handled by the planner for every
@@ -73,8 +74,8 @@ class GroupTokens:
     reqs: list[RequestState]
     prompt_lens: torch.Tensor  # [Rs]
 
-    def layer(self, lyr: int) -> TokenFeatures:
-        rows = [req.tokens[lyr] if req.tokens is not None else None for req in self.reqs]
+    def layer(self, layer_idx: int) -> TokenFeatures:
+        rows = [req.tokens[layer_idx] if req.tokens is not None else None for req in self.reqs]
         known = [t for t in rows if t is not None]
         hk, dev = STATE.store.dims[1], self.prompt_lens.device
         order = torch.full((len(rows), hk, max([t.shape[-1] for t in known], default=0)), -1, dtype=torch.long,
@@ -115,8 +116,8 @@ class DenseSubset:
 @dataclass
 class StepPlan:
     obs: list[ObsCopy] = field(default_factory=list)
-    finalize: list[Finalize] = field(default_factory=list)
-    book: DecodeBook | None = None
+    index_builds: list[IndexBuild] = field(default_factory=list)
+    fold: FoldRows | None = None
     sparse: list[SparseGroup] = field(default_factory=list)
     dense: DenseSubset | None = None
     stats: dict[str, Any] = field(default_factory=dict)
@@ -130,13 +131,13 @@ def unit_kind() -> str:
 def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     """``builder`` must offer ``subset_metadata(base, qsl, seq_lens, block_table, num_tokens)``."""
     t0 = time.perf_counter()
-    STATE.step += 1
+    STATE.begin_step()
     num_reqs = cm.num_reqs
     STATE.ensure_store(*model_dims(STATE.vllm_config), cm.seq_lens.device)
     qsl = cm.query_start_loc_cpu.tolist()
     seq_lens = cm.seq_lens.cpu().tolist()
     plan = StepPlan()
-    book: dict[str, list] = {k: [] for k in ("tok", "slot", "reset", "close_rows", "close_units", "close_count")}
+    fold: dict[str, list] = {k: [] for k in ("tok", "slot", "reset", "close_rows", "close_units", "close_count")}
     sparse_rows: dict[str, list[tuple[int, RequestState, int, int]]] = {}
     dense_rows: list[int] = []
     punct: dict[int, bool] = {}
@@ -144,12 +145,12 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
         q0, q1, total = qsl[i], qsl[i + 1], seq_lens[i]
         ctx = total - (q1 - q0)
         req = _request_for(row, ctx)
-        req.seen = total
+        req.advance(total)
         if ctx < req.prompt_len:
             _plan_prefill(plan, req, row, i, q0, ctx, total, cm)
             dense_rows.append(i)
         elif q1 - q0 == 1 and req.indexed:
-            n_sent = _plan_decode(book, req, row, q0, total)
+            n_sent = _plan_decode(fold, req, row, q0, total)
             policy = policies.get(req.cfg.policy)
             if policy.stateful:
                 punct[i] = _is_punct(int(row.token_ids[total - 1]))
@@ -159,7 +160,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
                 dense_rows.append(i)
         else:
             dense_rows.append(i)
-    plan.book = _close_and_reset(book) if book["tok"] else None
+    plan.fold = _close_and_reset(fold) if fold["tok"] else None
     if sparse_rows:
         plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
         for group in plan.sparse:
@@ -167,7 +168,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
                 group.punct = [punct[i] for i, *_ in sparse_rows[group.policy]]
         plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
     plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
-    metrics.observe_step(plan)
+    metrics.observe_step(plan.stats["sparse_rows"], len(fold["tok"]))
     return plan
 
 
@@ -182,7 +183,7 @@ def _request_for(row: RowInfo, ctx: int) -> RequestState:
         prompt_len = row.num_tokens if ctx == 0 else row.prompt_len
         req = STATE.new_request(row.req_id, row.extra_args, prompt_len, start=ctx)
     elif req.indexed and req.obs is not None:
-        req.obs = None        # the index was built by the previous step's forward
+        req.drop_window()
     return req
 
 
@@ -191,14 +192,11 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
     p = req.prompt_len
     store = STATE.store
     assert store is not None
-    n_layers, _, n_heads, head_dim = store.dims
     w = min(req.cfg.obs_window, p)
-    if req.obs is None:
-        req.obs = torch.zeros(n_layers, w, n_heads, head_dim, dtype=torch.float32, device=store.device)
     lo, hi = max(ctx, p - w), min(total, p)
     if hi > lo:
+        req.capture_window(lo - (p - w), store.dims, store.device)
         plan.obs.append(ObsCopy(req, torch.arange(q0 + lo - ctx, q0 + hi - ctx), lo - (p - w)))
-        req.obs_lo = lo - (p - w) if req.obs_lo is None else min(req.obs_lo, lo - (p - w))
     if total < p:
         return
     segmenter = STATE.segmenter(unit_kind())
@@ -207,17 +205,14 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
     spans = spans_from_ends(segmenter.segment(prompt_ids.tolist()))
     metrics.observe_segmentation(time.perf_counter() - t0, len(spans))
     slots = store.alloc_units(len(spans))
-    req.add_units([tuple(s) for s in spans.tolist()], slots)
-    if policies.get(req.cfg.policy).stateful:
-        req.punct = [_is_punct(t) for t in prompt_ids.tolist()]
-    req.indexed = True
-    req.stream = new_stream(req, segmenter, int(prompt_ids[-1]))
-    req.open_start = p
-    plan.finalize.append(Finalize(req, cm.block_table_tensor[i:i + 1], spans.to(store.device),
+    punct = [_is_punct(t) for t in prompt_ids.tolist()] if policies.get(req.cfg.policy).stateful else None
+    req.finish_prefill([tuple(s) for s in spans.tolist()], slots, new_stream(req, segmenter, int(prompt_ids[-1])),
+                       punct)
+    plan.index_builds.append(IndexBuild(req, cm.block_table_tensor[i:i + 1], spans.to(store.device),
                                   torch.tensor(slots, device=store.device)))
 
 
-def _plan_decode(book: dict[str, list], req: RequestState, row: RowInfo, q0: int, total: int) -> int:
+def _plan_decode(fold: dict[str, list], req: RequestState, row: RowInfo, q0: int, total: int) -> int:
     """Feed the generated tokens the segmenter has not seen yet; returns the number of closed units after this step.
 
     The stream catches up from its own position, so a decode row that skipped this path (a multi-token row, a
@@ -230,14 +225,13 @@ def _plan_decode(book: dict[str, list], req: RequestState, row: RowInfo, q0: int
         unit = STATE.store.alloc_units(1)[0]
         if req.trace is not None:
             req.trace.close(req.open_start, end, req.cfg.budget, req.trace_pairs)
-        book["close_rows"].append(len(book["tok"]))
-        book["close_units"].append(unit)
-        book["close_count"].append(float(max(1, end - req.open_start)))
-        req.add_units([(req.open_start, end)], [unit])
-        req.open_start = end
-    book["tok"].append(q0)
-    book["slot"].append(req.slot)
-    book["reset"].append(pos == req.open_start)
+        fold["close_rows"].append(len(fold["tok"]))
+        fold["close_units"].append(unit)
+        fold["close_count"].append(float(max(1, end - req.open_start)))
+        req.close_sentence(end, unit)
+    fold["tok"].append(q0)
+    fold["slot"].append(req.slot)
+    fold["reset"].append(pos == req.open_start)
     return len(req.units)
 
 
@@ -260,26 +254,26 @@ def _is_punct(token: int) -> bool:
     return 0 <= token < len(table) and bool(table[token])
 
 
-def _close_and_reset(book: dict[str, list]) -> DecodeBook:
+def _close_and_reset(fold: dict[str, list]) -> FoldRows:
     """Once per step, every layer at once: the sentences closing now get their features from the open units'
     statistics (before this step's token is added: it starts the next sentence), and the rows starting a new
     sentence reset their statistics; the forward then only folds this step's token in, one op per layer."""
     store = STATE.store
     dev = store.device
-    slot = torch.tensor(book["slot"], device=dev)
-    if book["close_rows"]:
-        closing = slot[torch.tensor(book["close_rows"], device=dev)]
-        units = torch.tensor(book["close_units"], device=dev, dtype=torch.long)
-        count = torch.tensor(book["close_count"], device=dev, dtype=torch.float32)
+    slot = torch.tensor(fold["slot"], device=dev)
+    if fold["close_rows"]:
+        closing = slot[torch.tensor(fold["close_rows"], device=dev)]
+        units = torch.tensor(fold["close_units"], device=dev, dtype=torch.long)
+        count = torch.tensor(fold["close_count"], device=dev, dtype=torch.float32)
         open_rows = store.open_rows(closing)
         for policy in policies.indexers(STATE.units):
             for name, value in policy.close_open(open_rows, count).items():
                 store.units[name][:, units] = value
         store.valid[:, units] = True
-    reset = [s for s, r in zip(book["slot"], book["reset"], strict=True) if r]
+    reset = [s for s, r in zip(fold["slot"], fold["reset"], strict=True) if r]
     if reset:
         store.reset_open(torch.tensor(reset, device=dev))
-    return DecodeBook(tok=torch.tensor(book["tok"], device=dev), slot=slot, rows=_as_slice(book["tok"]))
+    return FoldRows(tok=torch.tensor(fold["tok"], device=dev), slot=slot, rows=_as_slice(fold["tok"]))
 
 
 def _as_slice(toks: list[int]) -> slice | None:
@@ -305,7 +299,7 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
     budgets = torch.tensor([req.cfg.budget for req in reqs])
     cfg = STATE.cfg
     tail = _tail_lengths(reqs, totals, budgets)
-    host_slots = _host_slots(reqs, cm.block_table_tensor.shape[1])
+    host_slots = host_slot_table(reqs, cm.block_table_tensor.shape[1])
     batch = SelectionBatch.make(starts.to(dev), ends.to(dev), totals.to(dev), budgets.to(dev), cfg.sinks,
                                 tail.to(dev))
     traced = [(j, req, n) for j, (_, req, _, n) in enumerate(rows) if req.trace is not None]
@@ -321,7 +315,8 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
         group.tokens = GroupTokens(reqs, torch.tensor([req.prompt_len for req in reqs], device=dev))
     if policies.get(policy).paged and _paged(builder, budgets, traced):
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
-        if host_slots is not None and not _hot_sets_hold(group.paged.plan, reqs):
+        block_size = STATE.vllm_config.cache_config.block_size
+        if host_slots is not None and not hot_sets_hold(group.paged.plan, reqs, cfg.sinks, block_size):
             group.paged = None
         group.rows = _as_slice([q0 for _, _, q0, _ in rows])
     return group
@@ -335,17 +330,6 @@ def _tail_lengths(reqs: list[RequestState], totals: torch.Tensor, budgets: torch
     return torch.minimum(open_len.clamp(min=cfg.recent), budgets - cfg.sinks)
 
 
-def _host_slots(reqs: list[RequestState], max_blocks: int) -> torch.Tensor | None:
-    """``[R, max_blocks]`` host slot of each logical block (-1 = on the device), or None without a host tier."""
-    if not any(req.host_map for req in reqs):
-        return None
-    host_slots = torch.full((len(reqs), max_blocks), -1, dtype=torch.long)
-    for j, req in enumerate(reqs):
-        if req.host_map:
-            host_slots[j, torch.tensor(list(req.host_map.keys()))] = torch.tensor(list(req.host_map.values()))
-    return host_slots
-
-
 def _paged(builder: Any, budgets: torch.Tensor, traced: list) -> bool:
     """Whether the group attends whole blocks with the stock kernel (``attention`` in the config; see README).
     Traced rows take the exact path (the trace reports attention mass per token)."""
@@ -354,16 +338,6 @@ def _paged(builder: Any, budgets: torch.Tensor, traced: list) -> bool:
         return False
     block_size = STATE.vllm_config.cache_config.block_size
     return mode == "paged" or int(budgets.min()) >= PAGED_MIN_BLOCKS * block_size
-
-
-def _hot_sets_hold(plan: BlockPlan, reqs: list[RequestState]) -> bool:
-    """With the host tier, every selected block must be on the device for the stock kernel: each request's hot
-    set must hold all of its selected blocks but the sink blocks and the last one (never spilled)."""
-    sinks = -(-STATE.cfg.sinks // STATE.vllm_config.cache_config.block_size)
-    for req, k in zip(reqs, plan.num_blocks.tolist(), strict=True):
-        if req.host_map and (req.hot is None or len(req.hot) < k - sinks - 1):
-            return False
-    return True
 
 
 def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: torch.Tensor) -> PagedGroup:

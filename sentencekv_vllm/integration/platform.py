@@ -18,8 +18,7 @@ import functools
 import os
 from typing import Any
 
-from sentencekv_vllm import policies
-from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
+from sentencekv_vllm.config import SentenceKVConfig, resolve_request
 from sentencekv_vllm.integration.compat import install_request_validator
 from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.registry import backend_path, is_sentencekv
@@ -171,8 +170,8 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
     elif not parallel.worker_cls.startswith("sentencekv_vllm."):
         raise ValueError(f"--worker-cls {parallel.worker_cls} cannot be combined with the SENTENCEKV backend, "
                          "which installs its own worker.")
-    install_request_validator(functools.partial(validate_request_args, cfg,
-                                                vllm_config.model_config.max_model_len))
+    install_request_validator(functools.partial(resolve_request, cfg,
+                                                max_model_len=vllm_config.model_config.max_model_len))
     if not getattr(vllm_config, "_sentencekv_logged", False):
         logger.info("SentenceKV enabled: %s", cfg.to_dict())
         object.__setattr__(vllm_config, "_sentencekv_logged", True)
@@ -273,17 +272,6 @@ def keep_attention_out_of_cuda_graphs(vllm_config: Any) -> None:
     get_logger(__name__).info("SentenceKV: cudagraph_mode FULL_AND_PIECEWISE -> PIECEWISE (attention runs outside "
                               "CUDA graphs: each decode step plans and selects sentences in Python; the rest of "
                               "the model still replays piecewise graphs).")
-
-
-def validate_request_args(cfg: SentenceKVConfig, max_model_len: int, extra_args: dict[str, Any]) -> None:
-    """Per-request ``sentencekv_*`` overrides: same rules as the server config, plus the budget must not exceed
-    ``max_model_len`` and the policy must use the server's units (``policies.compatible``: sentences vs pages)."""
-    req = cfg.with_request_overrides(extra_args)
-    if req.budget > max_model_len:
-        raise SentenceKVConfigError("budget", f"must be <= max_model_len ({max_model_len}), got {req.budget}")
-    if not policies.compatible(req.policy, cfg.policy):
-        raise SentenceKVConfigError("policy", f"{req.policy!r} cannot be requested on a server running "
-                                    f"policy {cfg.policy!r} (different index units)")
 
 
 def _install_connector(vllm_config: Any, cfg: SentenceKVConfig) -> None:

@@ -19,19 +19,19 @@ KV bytes of the tokens it summarises at 20-token sentences (an 8k prompt: ~3 blo
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from sentencekv_vllm import policies
-from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError
+from sentencekv_vllm.config import SentenceKVConfig, resolve_request_or_server
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
-from sentencekv_vllm.integration import metrics, trace
-from sentencekv_vllm.integration.hotset import HotSet
+from sentencekv_vllm.integration import trace
 from sentencekv_vllm.integration.log import get_logger
+from sentencekv_vllm.integration.tier.host_pool import apply_spills
+from sentencekv_vllm.integration.tier.hotset import HotSet
+from sentencekv_vllm.integration.tier.messages import Spill
 from sentencekv_vllm.integration.trace import RequestTrace
 from sentencekv_vllm.policies.base import OPEN_INIT
 
@@ -73,6 +73,68 @@ class RequestState:
         self.unit_slots.extend(slots)
         self._tensors = None
 
+    # -- the request's own changes (the planner and the host tier call these; nothing sets fields one by one) --
+
+    def advance(self, total: int) -> None:
+        """This step writes the KV of positions up to ``total``."""
+        self.seen = total
+
+    def capture_window(self, lo: int, dims: tuple[int, int, int, int], device: torch.device) -> None:
+        """This step's prefill chunk holds window query ``lo`` onwards (SnapKV's observation window; the forward
+        writes them into ``obs`` ``[L, W, Hq, D]``, allocated at the first chunk that reaches the window)."""
+        n_layers, _, n_heads, head_dim = dims
+        if self.obs is None:
+            w = min(self.cfg.obs_window, self.prompt_len)
+            self.obs = torch.zeros(n_layers, w, n_heads, head_dim, dtype=torch.float32, device=device)
+        self.obs_lo = lo if self.obs_lo is None else min(self.obs_lo, lo)
+
+    def window(self, layer_idx: int) -> torch.Tensor | None:
+        """The captured window queries ``[W', Hq, D]`` of one layer, or None when none were captured."""
+        if self.obs is None or self.obs_lo is None or self.obs_lo >= self.obs.shape[1]:
+            return None
+        return self.obs[layer_idx, self.obs_lo:]
+
+    def set_layer_index(self, layer_idx: int, num_layers: int, tokens: torch.Tensor | None,
+                        layer_state: Any = None) -> None:
+        """The request's own prompt features of one layer, if its policy has some: token-level features
+        (``Policy.build_tokens``) and a stateful policy's decode state (``Policy.init_state``)."""
+        if tokens is not None:
+            if self.tokens is None:
+                self.tokens = tokens.new_full((num_layers, *tokens.shape), -1)
+            self.tokens[layer_idx] = tokens
+        if layer_state is not None:
+            if self.layer_states is None:
+                self.layer_states = [None] * num_layers
+            self.layer_states[layer_idx] = layer_state
+
+    def drop_window(self) -> None:
+        """The prompt index was built by the previous step's forward: the captured window queries are done."""
+        self.obs = None
+
+    def finish_prefill(self, spans: list[tuple[int, int]], slots: list[int], stream: Any,
+                       punct: list[bool] | None) -> None:
+        """The last prompt chunk runs this step: the prompt's units join the index (built by this step's forward),
+        generated tokens are segmented from here by ``stream``; ``punct`` for stateful policies."""
+        self.add_units(spans, slots)
+        self.punct = punct
+        self.indexed = True
+        self.stream = stream
+        self.open_start = self.prompt_len
+
+    def close_sentence(self, end: int, unit: int) -> None:
+        """The open generated sentence ends before ``end`` and becomes unit-pool row ``unit``."""
+        self.add_units([(self.open_start, end)], [unit])
+        self.open_start = end
+
+    def spilled(self, logical: int, slot: int, kept_block: int | None, new_hot_set: Callable[[], HotSet]) -> None:
+        """Logical block ``logical`` now has a host copy in ``slot``; ``kept_block``: its device block stays
+        allocated and joins the request's hot set."""
+        self.host_map[logical] = slot
+        if kept_block is not None:
+            if self.hot is None:
+                self.hot = new_hot_set()
+            self.hot.add(kept_block, logical)
+
 
 class UnitStore:
     """The pooled tensors; grown (doubling) by the planner between steps, never inside a forward.
@@ -108,7 +170,7 @@ class UnitStore:
         tensors = [*self.units.values(), self.valid, self.qsum, *self.open.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def unit_rows(self, lyr: int, unit_slots: torch.Tensor, names: tuple[str, ...],
+    def unit_rows(self, layer_idx: int, unit_slots: torch.Tensor, names: tuple[str, ...],
                   scratch: bool = False) -> dict[str, torch.Tensor]:
         """``{slot: features}`` ``[*unit_slots.shape, Hk, D]`` of the given unit-pool rows of one layer
         (``index_select``: a fraction of advanced indexing's per-call cost on the decode hot path). ``scratch``:
@@ -117,7 +179,7 @@ class UnitStore:
         shape = (*unit_slots.shape, *self.dims[1::2])
         out = {}
         for name in names:
-            src = self.units[name][lyr]
+            src = self.units[name][layer_idx]
             buf = self._workspace(name, flat.numel() * src[0].numel()) if scratch else None
             rows = torch.index_select(src, 0, flat, out=buf.view(-1, *src.shape[1:])) if scratch else \
                 src.index_select(0, flat)
@@ -133,13 +195,13 @@ class UnitStore:
             self._scratch[name] = buf
         return buf[:numel]
 
-    def valid_rows(self, lyr: int, unit_slots: torch.Tensor) -> torch.Tensor:
+    def valid_rows(self, layer_idx: int, unit_slots: torch.Tensor) -> torch.Tensor:
         """``[*unit_slots.shape, Hk]`` whether each KV head may select the given units (one layer)."""
-        return self.valid[lyr].index_select(0, unit_slots.reshape(-1)).view(*unit_slots.shape, self.dims[1])
+        return self.valid[layer_idx].index_select(0, unit_slots.reshape(-1)).view(*unit_slots.shape, self.dims[1])
 
-    def query_sums(self, lyr: int, slots: torch.Tensor) -> torch.Tensor:
+    def query_sums(self, layer_idx: int, slots: torch.Tensor) -> torch.Tensor:
         """``[R, Hk, D]`` open-sentence query sums of the given request slots (one layer)."""
-        return self.qsum[lyr].index_select(0, slots)
+        return self.qsum[layer_idx].index_select(0, slots)
 
     def open_rows(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{slot: running statistics}`` ``[L, R, Hk, D]`` of the given request slots, every layer."""
@@ -151,16 +213,16 @@ class UnitStore:
         for name, t in self.open.items():
             t[:, slots] = OPEN_INIT[self.open_reduce[name]]
 
-    def fold_open(self, lyr: int, slots: torch.Tensor, query_sums: torch.Tensor, keys: torch.Tensor) -> None:
+    def fold_open(self, layer_idx: int, slots: torch.Tensor, query_sums: torch.Tensor, keys: torch.Tensor) -> None:
         """One layer: add this step's tokens to their open units (query group sums ``[R, Hk, D]``, keys
         ``[R, Hk, D]`` float32), one indexed op per statistic; ``slots`` are distinct within a step."""
-        self.qsum[lyr].index_add_(0, slots, query_sums)
+        self.qsum[layer_idx].index_add_(0, slots, query_sums)
         for name, t in self.open.items():
             how = self.open_reduce[name]
             if how == "sum":
-                t[lyr].index_add_(0, slots, keys)
+                t[layer_idx].index_add_(0, slots, keys)
             else:
-                t[lyr].index_reduce_(0, slots, keys, how)
+                t[layer_idx].index_reduce_(0, slots, keys, how)
 
     def alloc_slot(self) -> int:
         """A request slot (row of the running sums). Live requests never exceed ``max_num_seqs`` (preempted ones
@@ -208,10 +270,8 @@ class WorkerState:
         self.cfg = SentenceKVConfig()
         self.requests: dict[str, RequestState] = {}
         self.store: UnitStore | None = None
-        self.host: Any = None                   # tiers.HostPool when offload == "host"
-        self.host_used = 0
+        self.host: Any = None                   # tier.host_pool.HostPool when offload == "host"
         self.step = 0                           # engine steps planned (hot-set recency)
-        self.lock = threading.Lock()
         self._segmenters: dict[str, Any] = {}
 
     @property
@@ -232,27 +292,11 @@ class WorkerState:
                                    policies.open_reductions(self.units))
         return self.store
 
-    def request_config(self, extra_args: dict[str, Any] | None) -> SentenceKVConfig:
-        """Server config with the request's ``sentencekv_*`` overrides; invalid overrides are logged and ignored
-        (the API server has already answered the request; the worker must not fail the batch)."""
-        try:
-            cfg = self.cfg.with_request_overrides(extra_args)
-        except SentenceKVConfigError as err:
-            get_logger(__name__).warning("ignoring per-request SentenceKV override: %s", err)
-            return self.cfg
-        if not policies.compatible(cfg.policy, self.cfg.policy):
-            get_logger(__name__).warning(
-                "per-request policy %r needs %s units; the server runs %r; ignoring the override",
-                cfg.policy, policies.get(cfg.policy).units, self.cfg.policy)
-            return self.cfg.with_request_overrides({k: v for k, v in (extra_args or {}).items()
-                                                    if k != "sentencekv_policy"})
-        return cfg
-
     def new_request(self, req_id: str, extra_args: dict[str, Any] | None, prompt_len: int,
                     start: int) -> RequestState:
         self.release(req_id)
         assert self.store is not None
-        state = RequestState(req_id, self.request_config(extra_args), self.store.alloc_slot(),
+        state = RequestState(req_id, resolve_request_or_server(self.cfg, extra_args), self.store.alloc_slot(),
                              prompt_len, seen=start)
         if trace.wanted(self.cfg, extra_args):
             state.trace = RequestTrace()
@@ -272,28 +316,30 @@ class WorkerState:
         self.store.free(state.unit_slots)
         self.store.free_slots.append(state.slot)
 
-    def apply_tier_changes(self, spills: list[tuple[str, int, int, int, bool]], releases: list[str],
-                           host_used: int) -> None:
-        """Connector metadata of this step, applied before the forward: copy newly spilled blocks to their host
-        slots and record them in the requests' host maps; kept blocks join the request's hot set. Released
-        requests (finish, abort, preemption) need nothing here: a preempted request restarts from position 0 and
-        gets a fresh state, and the map of a finished one is still read once by the retrieval trace."""
-        del releases
+    def begin_step(self) -> int:
+        """The planner starts a step (the hot set's recency clock)."""
+        self.step += 1
+        return self.step
+
+    def attach_host(self, host: Any) -> None:
+        """The connector built the worker's host pool (``offload: host``)."""
+        self.host = host
+
+    def apply_spills(self, spills: list[Spill]) -> None:
+        """Connector metadata of this step, applied before the forward (``tier.host_pool.apply_spills``). A released
+        request (finish, abort, preemption) needs nothing here: its map goes with its state."""
         if spills:
             assert self.host is not None, "host tier not initialised"
-            t0 = time.perf_counter()
-            self.host.spill([block for _, _, block, _, _ in spills], [slot for _, _, _, slot, _ in spills])
-            for req_id, logical, block, slot, kept in spills:
-                req = self.requests.get(req_id)
-                if req is None:
-                    continue
-                req.host_map[logical] = slot
-                if kept:
-                    if req.hot is None:
-                        req.hot = HotSet(self.store.dims[0], self.store.device)
-                    req.hot.add(block, logical)
-            metrics.observe_transfer(time.perf_counter() - t0)
-        self.host_used = host_used
+            apply_spills(self.host, spills, self.requests, lambda: HotSet(self.store.dims[0], self.store.device))
+
+    def gauges(self) -> dict[str, int]:
+        """Values the worker's metrics snapshot reads (``metrics.snapshot_worker`` takes values, not state)."""
+        out = {"requests": len(self.requests)}
+        if self.store is not None:
+            out.update(units=self.store.capacity - len(self.store.free_units), index_bytes=self.store.nbytes())
+        if self.host is not None:
+            out["swap_out_bytes"] = self.host.bytes_out
+        return out
 
     def tokenizer(self) -> Any:
         if "tokenizer" not in self._segmenters:

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from sentencekv_vllm.core.attention import masked_attention
 from sentencekv_vllm.core.blocks import (
     FIXED,
     block_scores,
@@ -19,6 +18,7 @@ from sentencekv_vllm.core.blocks import (
     recency_scores,
     select_blocks,
 )
+from sentencekv_vllm.core.reference import masked_attention
 from sentencekv_vllm.core.selection import PAD_POS
 
 BS = 32

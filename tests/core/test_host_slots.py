@@ -26,9 +26,9 @@ def manager():
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
-    from sentencekv_vllm.integration import kv_spec
-    from sentencekv_vllm.integration.kv_spec import SentenceKVManager, SentenceKVSpec
-    from sentencekv_vllm.integration.tiers import ENGINE
+    from sentencekv_vllm.integration.tier import kv_spec
+    from sentencekv_vllm.integration.tier.kv_spec import SentenceKVManager, SentenceKVSpec
+    from sentencekv_vllm.integration.tier.scheduler import ENGINE
 
     kv_spec.register()
     spec = SentenceKVSpec(block_size=BLOCK, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
@@ -41,7 +41,7 @@ def manager():
 
 
 def engine():
-    from sentencekv_vllm.integration.tiers import ENGINE
+    from sentencekv_vllm.integration.tier.scheduler import ENGINE
 
     return ENGINE
 
@@ -80,9 +80,9 @@ def test_finish_after_queued_spill_does_not_hand_its_slot_to_the_next_spill(mana
     engine().forget("a")
     manager.free(a)
     spill(manager, b)
-    spills, releases = engine().take_pending()
+    spills = engine().take_pending()
     assert_no_slot_twice(spills)
-    assert {s[0] for s in spills} == {"b"}, "a finished request's spills must not be shipped"
+    assert {s.req_id for s in spills} == {"b"}, "a finished request's spills must not be shipped"
     assert engine().check(full=True) == []
     assert engine().host_used == len(spills)
 
@@ -92,7 +92,7 @@ def test_preemption_after_queued_spill_does_not_hand_its_slot_to_the_next_spill(
     spill(manager, a)
     manager.free(a)                # preempted inside the same schedule(): still known to the tier
     spill(manager, b)
-    spills, _ = engine().take_pending()
+    spills = engine().take_pending()
     assert_no_slot_twice(spills)
     assert engine().check(full=True) == []
 
@@ -100,16 +100,16 @@ def test_preemption_after_queued_spill_does_not_hand_its_slot_to_the_next_spill(
 def test_shipped_slots_are_reused_only_after_release(manager):
     a = prefilled(manager, "a")
     spill(manager, a)
-    first, _ = engine().take_pending()
+    first = engine().take_pending()
     b = prefilled(manager, "b")
     spill(manager, b)
-    second, _ = engine().take_pending()
+    second = engine().take_pending()
     assert not set(shipped_slots(first)) & set(shipped_slots(second)), "a held slot was handed out again"
     manager.free(a)
     c = prefilled(manager, "c")
     spill(manager, c)
-    third, releases = engine().take_pending()
-    assert releases == ["a"] and set(shipped_slots(third)) <= set(shipped_slots(first))
+    third = engine().take_pending()
+    assert "a" not in engine().holdings and set(shipped_slots(third)) <= set(shipped_slots(first))
     assert engine().check(full=True) == []
 
 
@@ -126,8 +126,7 @@ def test_deferred_free_path_releases_host_slots(manager):
     deferred = [manager.pop_blocks_for_free(r) for r in (a, b)]
     assert engine().host_used == 0, "host slots leak on the deferred-free path"
     assert engine().holdings == {}
-    spills, releases = engine().take_pending()
-    assert spills == [] and sorted(releases) == ["a", "b"]
+    assert engine().take_pending() == []
     assert manager.block_pool.get_num_free_blocks() == free_before, "device blocks must wait for the fence"
     for blocks in deferred:
         manager.block_pool.free_blocks(reversed(blocks))
@@ -140,7 +139,7 @@ def test_host_tier_full_keeps_blocks_resident_and_invariant_holds(manager):
     a, b = prefilled(manager, "a"), prefilled(manager, "b")
     spill(manager, a)
     spill(manager, b)
-    spills, _ = engine().take_pending()
+    spills = engine().take_pending()
     assert len(spills) == 5 and engine().host_used == 5
     assert_no_slot_twice(spills)
     assert engine().check(full=True) == []
@@ -185,7 +184,7 @@ def test_random_schedules_keep_the_slot_invariant(manager):
                     manager.block_pool.free_blocks(reversed(manager.pop_blocks_for_free(req)))
                 for slot in [s for s, r in held_by.items() if r == rid]:
                     del held_by[slot]
-        spills, _ = engine().take_pending()
+        spills = engine().take_pending()
         assert_no_slot_twice(spills)
         for req_id, _, _, slot, _ in spills:
             assert held_by.get(slot) in (None,), f"slot {slot} shipped to {req_id} while {held_by[slot]} holds it"

@@ -1,10 +1,10 @@
-"""Hot-set policy (integration/hotset.py): hits, LRU eviction, per-layer residency, overflow. Pure torch."""
+"""Hot-set policy (integration/tier/hotset.py): hits, LRU eviction, per-layer residency, overflow. Pure torch."""
 
 from __future__ import annotations
 
 import torch
 
-from sentencekv_vllm.integration.hotset import HotSet
+from sentencekv_vllm.integration.tier.hotset import HotSet
 
 
 class Recorder:

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from sentencekv_vllm import policies
-from sentencekv_vllm.config import POLICIES, SentenceKVConfig, SentenceKVConfigError
+from sentencekv_vllm.config import POLICIES, SentenceKVConfig, SentenceKVConfigError, resolve_request
 from sentencekv_vllm.eval import engines
-from sentencekv_vllm.integration.platform import validate_request_args
 
 
 def test_config_and_eval_read_the_registry():
@@ -29,10 +28,10 @@ def test_per_request_policy_needs_the_servers_units(server, request_policy, ok):
     cfg = SentenceKVConfig(policy=server)
     args = {"sentencekv_policy": request_policy}
     if ok:
-        validate_request_args(cfg, 8192, args)
+        resolve_request(cfg, args, max_model_len=8192)
     else:
         with pytest.raises(SentenceKVConfigError, match="different index units"):
-            validate_request_args(cfg, 8192, args)
+            resolve_request(cfg, args, max_model_len=8192)
 
 
 def test_pool_slots_follow_the_units():

@@ -3,15 +3,9 @@
 import pytest
 import torch
 
-from sentencekv_vllm.core.attention import gather_selected, gathered_attention, masked_attention
-from sentencekv_vllm.core.index import (
-    RunningMean,
-    SentenceIndex,
-    page_bounds,
-    retention_mask,
-    sentence_centroids,
-    snapkv_importance,
-)
+from sentencekv_vllm.core.attention import gathered_attention
+from sentencekv_vllm.core.index import page_bounds, retention_mask, sentence_centroids, snapkv_importance
+from sentencekv_vllm.core.reference import RunningMean, SentenceIndex, gather_selected, masked_attention
 from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch, UnitFeatures, group_mean_query
 from sentencekv_vllm.policies import select
 

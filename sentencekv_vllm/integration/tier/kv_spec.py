@@ -1,22 +1,26 @@
-"""Extension points: ``KVCacheSpec`` + ``SingleTypeKVCacheManager`` (scheduler side, EngineCore process).
+"""Extension points: ``KVCacheSpec`` + ``SingleTypeKVCacheManager`` (the host tier's scheduler side).
 
-With ``offload: host`` the backend reports :class:`SentenceKVSpec` (``customize_spec``), which the registry maps to
+With ``offload: host`` the backend reports :class:`SentenceKVSpec` (``customize_spec`` -> :func:`offload_spec`, in
+the worker), which the registry maps to
 :class:`SentenceKVManager`. Once a request decodes sparsely (context >= ``sparse_from``, prefill done), the manager
 frees its *middle* blocks -- everything but the sink blocks, the recent window and the request's hot-set blocks --
 back to vLLM's pool, like R-SWA frees a gap. Before that, it takes a host slot for each middle block from
-:data:`~sentencekv_vllm.integration.tiers.ENGINE`, and the KV connector tells the worker to copy the block to that
-slot before anything can overwrite it. Hot-set blocks stay allocated (and counted by vLLM) as device cache space.
+``tier.scheduler.ENGINE``, and the KV connector tells the worker to copy the block to that slot before anything
+can overwrite it. Hot-set blocks stay allocated (and counted by vLLM) as device cache space.
 When the host tier is full, blocks simply stay resident (no crash, no wrong tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from sentencekv_vllm.integration.tiers import ENGINE
+from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.integration.compat import register_kv_spec
+from sentencekv_vllm.integration.tier.scheduler import ENGINE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +66,12 @@ class SentenceKVManager(FullAttentionManager):
 
 def register() -> None:
     """Map the spec to its manager (EngineCore; called by the scheduler-side connector before managers exist)."""
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+    register_kv_spec(SentenceKVSpec, SentenceKVManager, FullAttentionSpec)
 
-    KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(SentenceKVSpec, SentenceKVManager, uniform_type_base_spec=FullAttentionSpec)
+
+def offload_spec(spec, cfg: SentenceKVConfig):
+    """The backend's ``customize_spec`` hook (worker): with ``offload: host`` the full-attention KV groups use the
+    SentenceKV spec, hence its manager in EngineCore."""
+    if cfg.offload != "host" or type(spec) is not FullAttentionSpec:
+        return spec
+    return SentenceKVSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init})
