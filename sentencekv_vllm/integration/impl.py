@@ -159,10 +159,11 @@ class SentenceKVImplMixin:
         super().forward(layer, q, key[dense.tok], value[dense.tok], kv_cache, dense.metadata, out)
         output[dense.tok] = out
 
-    def _unit_features(self, store: UnitStore, layer_idx: int, group: SparseGroup) -> tuple[torch.Tensor, UnitFeatures]:
+    def _unit_features(self, store: UnitStore, layer_idx: int,
+                       group: SparseGroup) -> tuple[torch.Tensor, UnitFeatures]:
         """Selection query (mean query of the open sentence over each KV head's query group) and unit features."""
-        group = self.num_heads // self.num_kv_heads
-        q_sel = store.query_sums(layer_idx, group.slot) / (group.q_count * group)[:, None, None]
+        per_kv_head = self.num_heads // self.num_kv_heads
+        q_sel = store.query_sums(layer_idx, group.slot) / (group.q_count * per_kv_head)[:, None, None]
         valid = store.valid_rows(layer_idx, group.unit_slots) & group.unit_valid[..., None]
         policy = policies.get(group.policy)
         return q_sel, policy.features(store.unit_rows(layer_idx, group.unit_slots, policy.slots), valid)
