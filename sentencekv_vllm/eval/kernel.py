@@ -1,7 +1,8 @@
 """``sentencekv-eval kernel``: one attention layer's decode work, stock kernel vs SentenceKV, at real model shapes.
 
 Stock: vLLM's CPU paged kernel over every request's whole context. SentenceKV: everything its decode path does
-per layer — score the sentence centroids with the group-mean query, turn scores into blocks (paged) or token
+per layer — gather the rows' sentence centroids from the worker's unit pool and score them with the group-mean
+query (in the pool's reused workspace, as the engine does), turn scores into blocks (paged) or token
 positions (exact), then attend (stock kernel on the head-split view / gather + exact softmax). Random bf16 K/V
 written through the stock cache-write op, 20-token sentences. Medians over repeats; configurations whose KV
 would not fit ``--max-kv-gib`` are skipped and listed.
@@ -21,11 +22,12 @@ from typing import Any, Callable
 
 import torch
 
+from sentencekv_vllm import policies
 from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, plan_blocks, select_blocks
 from sentencekv_vllm.core.selection import SelectionBatch, UnitFeatures, group_mean_query
 from sentencekv_vllm.integration.kv_layout import BlockLayout
-from sentencekv_vllm.policies import select_positions, unit_scores
+from sentencekv_vllm.policies import select_positions
 
 
 @dataclass
@@ -108,14 +110,32 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
     out = torch.empty(r * hk, hq // hk, d, dtype=q.dtype)
     tables = head_split_tables(cache.table, hk, plan.trash)
     qsum = group_mean_query(q.float(), hk)       # the running group sum the impl keeps
+    store, unit_slots = _unit_pool(cents, hq)
+    policy = policies.get("sentencekv")
 
     def run() -> torch.Tensor:
-        blocks = select_blocks(block_scores(unit_scores("sentencekv", qsum, cents), plan), plan)
+        # as impl._sparse_paged: gather the rows' centroids into the pool's workspace, score them in place
+        units = store.unit_rows(0, unit_slots, policy.slots, scratch=True)
+        feats = policy.features(units, store.valid_rows(0, unit_slots), scratch=True)
+        blocks = select_blocks(block_scores(policy.score(qsum, feats), plan), plan)
         table = physical_tables(blocks, tables)
         ops.cpu_attention_with_kv_cache(q.view(r * hk, hq // hk, d), kc, vc, out, qsl, seq, d ** -0.5, True, None,
                                         -1, table, 0.0, md, None)
         return out
     return run
+
+
+def _unit_pool(cents: UnitFeatures, hq: int) -> tuple[Any, torch.Tensor]:
+    """The worker's unit pool (``integration.state.UnitStore``, one layer) holding ``cents`` ``[R, S, Hk, D]``, and
+    each row's unit slots ``[R, S]`` (interleaved across rows, like requests admitted together)."""
+    from sentencekv_vllm.integration.state import UnitStore
+
+    r, n, hk, d = cents.a.shape
+    store = UnitStore(1, hk, hq, d, r, cents.a.device, policies.get("sentencekv").slots)
+    slots = torch.tensor(store.alloc_units(r * n)).view(n, r).t().contiguous()
+    store.units["centroid"][0, slots] = cents.a.float()
+    store.valid[0, slots] = cents.valid
+    return store, slots
 
 
 def exact_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: UnitFeatures) -> Callable[[], Any]:
