@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--max-tokens", type=int, default=64)
     perf.add_argument("--repeats", type=int, default=1)
     perf.add_argument("--server-args", default="", help="extra `vllm serve` arguments for every server")
+    perf.add_argument("--vllm-bench", action="store_true",
+                      help="also run vLLM's own `vllm bench serve` at every point (random prompts of the point's "
+                           "length, all sent at once, --ignore-eos): output throughput and TTFT/TPOT/ITL percentiles")
     ker = sub.add_parser("kernel", help="one attention layer's decode work, stock vs SentenceKV (eval/kernel.py)")
     ker.add_argument("--out", default="results/kernel")
     ker.add_argument("--contexts", default="8192,32768,131072")

@@ -7,12 +7,19 @@ Servers run one after another with identical arguments (block size, dtype, pool)
 
     sentencekv-eval perf --out docs/eval/perf                     # 1x2k, 1x4k, 1x7.5k, 8x7.5k; tau = 1024
     sentencekv-eval perf --points 1x7500,8x7500 --variants stock,sentencekv,exact,host
+    sentencekv-eval perf --points 8x4000 --max-tokens 96 --vllm-bench    # + vLLM's own load generator
+
+With ``--vllm-bench`` every point also runs ``vllm bench serve`` (random dataset, the point's prompt length and
+batch, every request at once) against the same server: its output throughput includes prefill, as a user measures.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +81,27 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> 
     }
 
 
+def vllm_bench(url: str, tokenizer_path: str, batch: int, length: int, max_tokens: int) -> dict[str, Any]:
+    """``vllm bench serve`` at one point: ``batch`` random prompts of ``length`` tokens sent at once, ``max_tokens``
+    each (``--ignore-eos``); returns its saved result's throughput and latency percentiles."""
+    with tempfile.TemporaryDirectory(prefix="skv-vllm-bench-") as tmp:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
+               "--base-url", url, "--endpoint", "/v1/completions", "--model", "model", "--tokenizer",
+               tokenizer_path, "--dataset-name", "random", "--random-input-len", str(length),
+               "--random-output-len", str(max_tokens), "--num-prompts", str(batch), "--request-rate", "inf",
+               "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+               "--metric-percentiles", "50,90,99", "--disable-tqdm", "--save-result", "--result-dir", tmp,
+               "--result-filename", "bench.json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
+        if done.returncode != 0:
+            raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        res = json.loads((Path(tmp) / "bench.json").read_text())
+    keys = ("duration", "completed", "output_throughput", "total_token_throughput")
+    out = {k: res.get(k) for k in keys}
+    out.update({k: v for k, v in res.items() if k.startswith(("median_", "p50_", "p90_", "p99_", "mean_"))})
+    return out
+
+
 def prompts_for(tokenizer: Any, batch: int, length: int, salt: int) -> list[str]:
     """``batch`` distinct prompts of ``length`` tokens from the packaged haystack (chat template applied)."""
     from sentencekv_vllm import fixtures
@@ -89,7 +117,8 @@ def prompts_for(tokenizer: Any, batch: int, length: int, salt: int) -> list[str]
 
 
 def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants: list[str], budget: int,
-            block_size: int, max_tokens: int, repeats: int, extra: list[str]) -> dict[str, Any]:
+            block_size: int, max_tokens: int, repeats: int, extra: list[str],
+            bench: bool = False) -> dict[str, Any]:
     """Every variant's server in turn; each point ``repeats`` times (median kept, all recorded)."""
     results: dict[str, Any] = {}
     max_len = max(n for _, n in points) + max_tokens + 256
@@ -107,6 +136,11 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
                 rows[f"{batch}x{length}"] = {**best, "runs": runs}
                 print(f"{variant:>10} {batch}x{length}: step {best['step_ms']:.1f} ms  ttft {best['ttft_s']:.2f} s",
                       flush=True)
+                if bench:
+                    rows[f"{batch}x{length}"]["vllm_bench"] = vb = vllm_bench(srv.url, model, batch, length,
+                                                                              max_tokens)
+                    print(f"{variant:>10} {batch}x{length}: vllm bench serve {vb['output_throughput']:.2f} tok/s, "
+                          f"median TPOT {vb.get('median_tpot_ms', float('nan')):.1f} ms", flush=True)
         results[variant] = {"server_args": args, "points": rows}
     return results
 
@@ -126,6 +160,24 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             ttft = results["stock"]["points"][key]["ttft_s"]
             row += f" | {ttft:.2f} / {results[skv]['points'][key]['ttft_s']:.2f} |" if skv else " | |"
         lines.append(row)
+    return "\n".join(lines) + "\n" + bench_table(results, points)
+
+
+def bench_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
+    """``vllm bench serve`` per point and variant (empty without ``--vllm-bench``)."""
+    rows = [(f"{b}x{n}", v, results[v]["points"][f"{b}x{n}"].get("vllm_bench")) for b, n in points for v in results]
+    rows = [r for r in rows if r[2]]
+    if not rows:
+        return ""
+    lines = ["", "`vllm bench serve` (random prompts, all at once, prefill included):", "",
+             "| requests × prompt | variant | output tok/s | vs stock | median TTFT ms | median TPOT ms | p99 TPOT ms |"
+             " duration s |", "|---|---|---|---|---|---|---|---|"]
+    for key, variant, vb in rows:
+        stock = results.get("stock", {}).get("points", {}).get(key, {}).get("vllm_bench")
+        ratio = f"{vb['output_throughput'] / stock['output_throughput']:.2f}x" if stock else ""
+        lines.append(f"| {key.replace('x', ' × ')} | {variant} | {vb['output_throughput']:.2f} | {ratio} | "
+                     f"{vb.get('median_ttft_ms', 0):.0f} | {vb.get('median_tpot_ms', 0):.1f} | "
+                     f"{vb.get('p99_tpot_ms', 0):.1f} | {vb['duration']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +211,7 @@ def main(args: Any, model: str, tokenizer: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = measure(model, tokenizer, points, variants, args.budget or 1024, args.block_size, args.max_tokens,
-                      args.repeats, args.server_args.split())
+                      args.repeats, args.server_args.split(), bench=args.vllm_bench)
     meta = {"command": " ".join(["sentencekv-eval", "perf", *args.argv]), "budget": args.budget or 1024,
             "block_size": args.block_size, "max_tokens": args.max_tokens, "wall_s": round(time.time() - t0, 1)}
     (out / "perf.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
