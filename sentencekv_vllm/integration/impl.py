@@ -109,7 +109,7 @@ class SentenceKVImplMixin:
             self._dense(layer, query, key, value, kv_cache, output, plan.dense)
         counts: list[int] = []
         for group in plan.sparse:
-            if group.punct is not None:
+            if policies.get(group.policy).stateful:
                 counts += self._sparse_stateful(layer_idx, layer, query, key, kv_cache, output, group)
                 continue
             sparse = self._sparse_paged if group.paged is not None else self._sparse
@@ -147,7 +147,7 @@ class SentenceKVImplMixin:
         layer_state = None
         if policy.stateful:
             window = obs if obs is not None else keys.new_zeros(0, self.num_heads, self.head_size, dtype=torch.float32)
-            layer_state = policy.init_state(keys, window, req.punct or [False] * n, req.cfg)
+            layer_state = policy.init_state(keys, window, req.punct, req.cfg)
         req.set_layer_index(layer_idx, store.dims[0], policy.build_tokens(keys, obs, req.cfg), layer_state)
 
     # -- attention -----------------------------------------------------------------------------------------

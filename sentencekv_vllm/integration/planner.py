@@ -162,10 +162,7 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
             dense_rows.append(i)
     plan.fold = _close_and_reset(fold) if fold["tok"] else None
     if sparse_rows:
-        plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm) for p, rows in sparse_rows.items()]
-        for group in plan.sparse:
-            if policies.get(group.policy).stateful:
-                group.punct = [punct[i] for i, *_ in sparse_rows[group.policy]]
+        plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm, punct) for p, rows in sparse_rows.items()]
         plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
     plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
     metrics.observe_step(plan.stats["sparse_rows"], len(fold["tok"]))
@@ -192,7 +189,7 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
     p = req.prompt_len
     store = STATE.store
     assert store is not None
-    w = min(req.cfg.obs_window, p)
+    w = req.window_len
     lo, hi = max(ctx, p - w), min(total, p)
     if hi > lo:
         req.capture_window(lo - (p - w), store.dims, store.device)
@@ -282,7 +279,8 @@ def _as_slice(toks: list[int]) -> slice | None:
 
 
 def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, RequestState, int, int]],
-                  seq_lens: list[int], cm: Any) -> SparseGroup:
+                  seq_lens: list[int], cm: Any, punct: dict[int, bool]) -> SparseGroup:
+    """``punct``: batch row -> this step's token is sentence-final (rows of stateful policies)."""
     dev = STATE.store.device
     n_units = max(1, max(n for *_, n in rows))
     r = len(rows)
@@ -313,6 +311,8 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
         host_slots=None if host_slots is None else host_slots.to(dev), reqs=reqs, traced=traced)
     if policies.get(policy).token_level:
         group.tokens = GroupTokens(reqs, torch.tensor([req.prompt_len for req in reqs], device=dev))
+    if policies.get(policy).stateful:
+        group.punct = [punct[i] for i in idx]
     if policies.get(policy).paged and _paged(builder, budgets, traced):
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
         block_size = STATE.vllm_config.cache_config.block_size

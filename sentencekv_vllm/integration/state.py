@@ -79,13 +79,17 @@ class RequestState:
         """This step writes the KV of positions up to ``total``."""
         self.seen = total
 
+    @property
+    def window_len(self) -> int:
+        """Prompt queries in SnapKV's observation window (the last ``obs_window``, at most the prompt)."""
+        return min(self.cfg.obs_window, self.prompt_len)
+
     def capture_window(self, lo: int, dims: tuple[int, int, int, int], device: torch.device) -> None:
         """This step's prefill chunk holds window query ``lo`` onwards (SnapKV's observation window; the forward
         writes them into ``obs`` ``[L, W, Hq, D]``, allocated at the first chunk that reaches the window)."""
         n_layers, _, n_heads, head_dim = dims
         if self.obs is None:
-            w = min(self.cfg.obs_window, self.prompt_len)
-            self.obs = torch.zeros(n_layers, w, n_heads, head_dim, dtype=torch.float32, device=device)
+            self.obs = torch.zeros(n_layers, self.window_len, n_heads, head_dim, dtype=torch.float32, device=device)
         self.obs_lo = lo if self.obs_lo is None else min(self.obs_lo, lo)
 
     def window(self, layer_idx: int) -> torch.Tensor | None:
