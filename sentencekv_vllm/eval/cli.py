@@ -65,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--vllm-bench", action="store_true",
                       help="also run vLLM's own `vllm bench serve` at every point (random prompts of the point's "
                            "length, all sent at once, --ignore-eos): output throughput and TTFT/TPOT/ITL percentiles")
+    prof = sub.add_parser("profile", help="torch.profiler over decode steps, stock vs SentenceKV (eval/profile.py)")
+    prof.add_argument("--model", help="model path (default: the packaged test model)")
+    prof.add_argument("--out", default="results/profile")
+    prof.add_argument("--points", default="1x2000,4x4000", help="BATCHxPROMPT_TOKENS,...")
+    prof.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,forced,exact,host")
+    prof.add_argument("--budget", type=int, default=1024)
+    prof.add_argument("--block-size", type=int, default=32)
+    prof.add_argument("--dtype", default="float32")
+    prof.add_argument("--steps", type=int, default=10, help="decode steps timed, and as many profiled")
+    prof.add_argument("--warmup", type=int, default=5)
     ker = sub.add_parser("kernel", help="one attention layer's decode work, stock vs SentenceKV (eval/kernel.py)")
     ker.add_argument("--out", default="results/kernel")
     ker.add_argument("--contexts", default="8192,32768,131072")
@@ -158,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
         model = args.model or str(fixtures.model_path())
         return perf.main(args, model, AutoTokenizer.from_pretrained(model))
+    if args.command == "profile":
+        from sentencekv_vllm import fixtures
+        from sentencekv_vllm.eval import profile
+
+        return profile.main(args, args.model or str(fixtures.model_path()))
     if args.command == "report":
         out = Path(args.out)
         (out / "report.md").write_text(render(json.loads((out / "results.json").read_text())))
@@ -311,7 +326,8 @@ def serve_bench(engine: Engine, tokenizer, cfg: dict) -> dict[str, Any]:
 
     from sentencekv_vllm.eval.tasks import _chat, _haystack
 
-    rng = random.Random(5)
+    # prompts distinct per policy: policies sharing a server would otherwise hit each other's prefix cache (TTFT)
+    rng = random.Random(f"serve-bench-{engine.policy}")
     grid = []
     for ctx in cfg["bench_contexts"]:
         for batch in cfg["batches"]:

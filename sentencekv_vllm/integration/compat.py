@@ -4,7 +4,9 @@ Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cp
 ``num_tokens_no_spec``), its
 ``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, ``_update_states`` (to see
 ``SchedulerOutput.preempted_req_ids``), the CPU attention custom ops (``cpu_attn_get_scheduler_metadata``), and
-``KVCacheSpecRegistry._ensure_registered`` (built-in specs first, so ours does not shadow them).
+``KVCacheSpecRegistry._ensure_registered`` (built-in specs first, so ours does not shadow them), and
+``KVCacheManager.get_computed_blocks`` / ``truncate_computed_blocks`` and ``KVCacheCoordinator.cache_blocks``
+(``limit_prefix_cache``).
 """
 
 from __future__ import annotations
@@ -138,3 +140,44 @@ def register_kv_spec(spec: type, manager: type, base: type) -> None:
 
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=base)
+
+
+def limit_prefix_cache(max_hit: Callable[[Any], int], max_cached: Callable[[Any], int | None]) -> None:
+    """Limit every local prefix-cache hit to ``max_hit(request)`` tokens (a multiple of the block size), and cache
+    only a request's first ``max_cached(request)`` tokens (``None``: all).
+
+    Why here: vLLM's scheduler asks ``KVCacheManager.get_computed_blocks`` for a new (or resumed) request's cached
+    prefix and takes the answer as is (a KV connector can add external tokens, not shorten a local hit); the lookup
+    has no side effects (ref counts are taken later, in ``allocate_slots``), so trimming its answer with the
+    manager's own ``truncate_computed_blocks`` is safe. Every block that becomes reusable goes through
+    ``KVCacheCoordinator.cache_blocks(request, num_tokens)`` (no subclass overrides it in 0.32). Installed once per
+    process (EngineCore); installing again replaces the rules.
+    """
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    lookup = _original(KVCacheManager.get_computed_blocks)
+    cache = _original(KVCacheCoordinator.cache_blocks)
+
+    def get_computed_blocks(self: KVCacheManager, request: Any) -> tuple[Any, int, int]:
+        blocks, hit, boundary = lookup(self, request)
+        cap = max_hit(request)
+        if hit <= cap:
+            return blocks, hit, boundary
+        if cap <= 0:
+            return self.empty_kv_cache_blocks, 0, 0
+        return self.truncate_computed_blocks(blocks, cap), cap, 0
+
+    def cache_blocks(self: KVCacheCoordinator, request: Any, num_computed_tokens: int) -> None:
+        limit = max_cached(request)
+        cache(self, request, num_computed_tokens if limit is None else min(num_computed_tokens, limit))
+
+    get_computed_blocks._sentencekv_original = lookup  # type: ignore[attr-defined]
+    cache_blocks._sentencekv_original = cache  # type: ignore[attr-defined]
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+    KVCacheCoordinator.cache_blocks = cache_blocks
+
+
+def _original(method: Callable) -> Callable:
+    """The engine's own method under a SentenceKV wrapper (so installing twice does not stack wrappers)."""
+    return getattr(method, "_sentencekv_original", method)

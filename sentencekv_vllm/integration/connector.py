@@ -9,8 +9,9 @@ learns each request's budget/policy (``get_num_new_matched_tokens``), and ships 
 the step's connector metadata (host slots are released on the scheduler side alone). Worker role:
 ``handle_preemptions`` runs first in ``execute_model``, before the forward, so the copies to host happen before
 any freed block can be overwritten; it also updates each request's host-block map used by the sparse gather.
-Without the host tier those hooks do nothing. No external KV is ever loaded: ``get_num_new_matched_tokens`` always
-answers 0.
+Without the host tier those hooks do nothing. With prefix caching on, the scheduler role installs the rules of
+``prefix_cache.py`` (hits stop before the observation window; sparse-decoded tokens are not cached). No external
+KV is ever loaded: ``get_num_new_matched_tokens`` always answers 0.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class SentenceKVConnector(KVConnectorBase_V1):
             kv_spec.register()
             ENGINE.configure(self.cfg, self.host_capacity, vllm_config.cache_config.block_size)
             logger.info("SentenceKV host tier: %d blocks (%.2f GiB)", self.host_capacity, self.cfg.host_pool_gib)
+        if role == KVConnectorRole.SCHEDULER and vllm_config.cache_config.enable_prefix_caching:
+            from sentencekv_vllm.integration.compat import limit_prefix_cache
+            from sentencekv_vllm.integration.prefix_cache import PrefixCacheRule
+
+            rule = PrefixCacheRule(self.cfg, vllm_config.cache_config.block_size)
+            limit_prefix_cache(rule.max_hit, rule.max_cached)
 
     @property
     def requires_kv_delivery(self) -> bool:

@@ -173,12 +173,13 @@ def _request_for(row: RowInfo, ctx: int) -> RequestState:
     """Known request continuing where it stopped, or a new / resumed-after-preemption one (state rebuilt).
 
     A request resumed after a preemption recomputes its prompt and the tokens generated so far in one dense
-    prefill, so all of them are indexed as its "prompt" (the scheduler side keeps it dense for as long).
+    prefill, so all of them are indexed as its "prompt" (the scheduler side keeps it dense for as long). A new
+    request may start at ``ctx > 0`` after a prefix-cache hit (capped before the observation window); its index
+    reads the cached blocks' keys like any others.
     """
     req = STATE.requests.get(row.req_id)
     if req is None or req.seen != ctx:
-        prompt_len = row.num_tokens if ctx == 0 else row.prompt_len
-        req = STATE.new_request(row.req_id, row.extra_args, prompt_len, start=ctx)
+        req = STATE.new_request(row.req_id, row.extra_args, row.num_tokens, start=ctx)
     elif req.indexed and req.obs is not None:
         req.drop_window()
     return req

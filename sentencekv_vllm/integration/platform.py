@@ -153,10 +153,11 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
         raise ValueError("The SENTENCEKV attention backend does not support speculative decoding "
                          "(decode steps must have one query token per request).")
     cache = vllm_config.cache_config
-    if cache.enable_prefix_caching:
-        # A prefix-cache hit skips the prompt's last queries, which SnapKV retention needs: the index (and so the
-        # output) would then depend on what ran before. Indexes are not cached per prefix yet.
-        logger.warning("SentenceKV: disabling prefix caching (the sentence index needs the prompt's own queries)")
+    if cache.enable_prefix_caching and cfg.offload == "host":
+        # The host tier returns spilled blocks to vLLM's free pool while the request still maps them; a prefix hit
+        # on such a block would share a block whose owner no longer holds it. (Without the tier, hits are capped so
+        # the observation window is recomputed: ``connector.prefix_hit_cap``.)
+        logger.warning("SentenceKV: disabling prefix caching (not combined with offload: host yet)")
         cache.enable_prefix_caching = False
     select_v1_model_runner(vllm_config)
     keep_attention_out_of_cuda_graphs(vllm_config)

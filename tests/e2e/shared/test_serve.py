@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from sentencekv_vllm import fixtures
 from sentencekv_vllm.eval.launch import MULTIPROC_ENV
 from sentencekv_vllm.eval.serving import samples
 from tests import prompts
@@ -175,3 +176,54 @@ def test_dense_below_keeps_short_contexts_on_the_stock_kernel(shared, tokenizer)
     shared.text(prompt, max_tokens=24)
     sparse2, _ = rows()
     assert sparse2 - sparse1 >= 20, "the server's dense_below 1 should decode this prompt sparsely"
+
+
+def _streamed(shared, prompt: str, max_tokens: int = 24) -> tuple[float, str]:
+    """(time to first token in s, text) of a streamed greedy completion."""
+    t0 = time.perf_counter()
+    ttft, parts = None, []
+    for chunk in shared.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
+                                                  temperature=0, stream=True):
+        if chunk.choices and chunk.choices[0].text:
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            parts.append(chunk.choices[0].text)
+    assert ttft is not None
+    return ttft, "".join(parts)
+
+
+def _prefix_hits(shared) -> float:
+    return metric(shared.metrics(), "vllm:prefix_cache_hits_total")
+
+
+def test_prefix_cache_hit_keeps_tokens_and_cuts_ttft(shared, tokenizer):
+    """Issue #14: prefix caching stays on. The same long prompt twice: the second request reuses all but the last
+    blocks (the observation window is always recomputed, so the index and the output do not change), its TTFT is
+    far below the first one's, and it decodes sparsely (budget 512) to the same tokens."""
+    prompt = prompts.long_prompt(tokenizer, 3000, 450_000, task="Summarize the text above in one sentence.")
+    n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    hits0 = _prefix_hits(shared)
+    cold_ttft, cold = _streamed(shared, prompt)
+    hits1 = _prefix_hits(shared)
+    warm_ttft, warm = _streamed(shared, prompt)
+    hits2 = _prefix_hits(shared)
+    assert warm == cold
+    assert hits1 - hits0 < 64, "the first request should find nothing cached"
+    assert n - 32 - 2 * 32 <= hits2 - hits1 <= n - 32, (n, hits2 - hits1)    # capped before the 32-token window
+    assert warm_ttft < 0.5 * cold_ttft, (cold_ttft, warm_ttft)
+    _healthy(shared)
+
+
+def test_multi_turn_chat_reuses_the_previous_turn(shared, tokenizer):
+    """A chat's second turn shares the first turn's prompt as a prefix: it hits the cache and answers exactly as
+    the same request does with the cache bypassed (``prompt_logprobs`` makes vLLM skip reading it)."""
+    doc = tokenizer.decode(tokenizer(fixtures.haystack_text(offset=520_000, n_chars=14_000),
+                                     add_special_tokens=False)["input_ids"][:2000])
+    turn1 = [{"role": "user", "content": doc + "\n\nWhat is the text above about?"}]
+    ask = dict(model=MODEL_NAME, temperature=0, max_tokens=24)
+    answer = shared.client.chat.completions.create(messages=turn1, **ask).choices[0].message.content
+    turn2 = [*turn1, {"role": "assistant", "content": answer}, {"role": "user", "content": "Say it in five words."}]
+    hits0 = _prefix_hits(shared)
+    cached = shared.client.chat.completions.create(messages=turn2, **ask).choices[0].message.content
+    assert _prefix_hits(shared) - hits0 >= 2000 - 64, "the second turn should reuse the first turn's blocks"
+    bypass = shared.client.chat.completions.create(messages=turn2, extra_body={"prompt_logprobs": 0}, **ask)
+    assert cached == bypass.choices[0].message.content
