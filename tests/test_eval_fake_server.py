@@ -93,6 +93,9 @@ def test_eval_all_against_a_running_server(fake_server: str, tmp_path: Path, mod
     assert fid["prefix_tokens"] == 2 and fid["n"] == 1
     point = results["parts"]["serve-bench"]["per_policy"]["sentencekv"]["grid"][0]
     assert point["itl_s_p50"] >= 0 and point["ttft_s_p99"] >= point["ttft_s_p50"]
+    poisson = results["parts"]["serve-bench"]["per_policy"]["sentencekv"]["poisson"]    # from `vllm bench serve`
+    assert poisson["vllm_bench"]["completed"] == len(poisson["latencies"]) >= 2 and poisson["failed"] == 0
+    assert poisson["ttft_s_p99"] >= poisson["ttft_s_p50"] > 0
     assert results["config"]["servers"]["sentencekv"] == {"url": fake_server, "block_size": 16,
                                                           "num_gpu_blocks": 1000, "budget": 2048}
     lines = (out / "samples.jsonl").read_text().splitlines()

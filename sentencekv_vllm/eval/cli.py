@@ -106,6 +106,7 @@ GRIDS: tuple[tuple[str, str, Any, Any, Any], ...] = (
     ("--memory-budget", "memory_budget", int, 256, 1024),   # the τ = 1024; quick: small enough to offload at 1k
     ("--poisson-requests", "poisson_requests", int, 2, 8),
     ("--poisson-rate", "poisson_rate", float, 0.5, 0.5),
+    ("--poisson-burstiness", "poisson_burstiness", float, 1.0, 1.0),      # vllm bench serve's; 1 = Poisson
     ("--bench-tokens", "bench_tokens", int, 16, 64),
     ("--answer-tokens", "answer_tokens", int, 24, 24),
     ("--length-prompts", "length_prompts", int, 1, 3),
@@ -340,7 +341,8 @@ def serve_bench(engine: Engine, tokenizer, cfg: dict) -> dict[str, Any]:
     if engine.policy in ("full", "sentencekv"):
         prompts = [_chat(tokenizer, _haystack(tokenizer, rng.choice(cfg["bench_contexts"]), rng) + "\n\nSummarize.")
                    for _ in range(cfg["poisson_requests"])]
-        poisson = serving.poisson_load(engine, prompts, cfg["poisson_rate"], cfg["bench_tokens"])
+        poisson = serving.poisson_load(engine, prompts, cfg["poisson_rate"], cfg["bench_tokens"],
+                                       tokenizer.name_or_path, burstiness=cfg["poisson_burstiness"])
     return {"grid": grid, "poisson_latencies": poisson["latencies"], "poisson": poisson}
 
 

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +26,7 @@ from typing import Any
 import openai
 
 from sentencekv_vllm.eval.launch import vllm_server
+from sentencekv_vllm.eval.serving import vllm_bench_serve
 
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "stock": None,                                       # vLLM's own CPU backend
@@ -84,18 +82,9 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> 
 def vllm_bench(url: str, tokenizer_path: str, batch: int, length: int, max_tokens: int) -> dict[str, Any]:
     """``vllm bench serve`` at one point: ``batch`` random prompts of ``length`` tokens sent at once, ``max_tokens``
     each (``--ignore-eos``); returns its saved result's throughput and latency percentiles."""
-    with tempfile.TemporaryDirectory(prefix="skv-vllm-bench-") as tmp:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai",
-               "--base-url", url, "--endpoint", "/v1/completions", "--model", "model", "--tokenizer",
-               tokenizer_path, "--dataset-name", "random", "--random-input-len", str(length),
-               "--random-output-len", str(max_tokens), "--num-prompts", str(batch), "--request-rate", "inf",
-               "--ignore-eos", "--seed", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-               "--metric-percentiles", "50,90,99", "--disable-tqdm", "--save-result", "--result-dir", tmp,
-               "--result-filename", "bench.json"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
-        if done.returncode != 0:
-            raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        res = json.loads((Path(tmp) / "bench.json").read_text())
+    res = vllm_bench_serve(url, "model", tokenizer_path, [
+        "--dataset-name", "random", "--random-input-len", str(length), "--random-output-len", str(max_tokens),
+        "--num-prompts", str(batch), "--request-rate", "inf", "--seed", "0"])
     keys = ("duration", "completed", "output_throughput", "total_token_throughput")
     out = {k: res.get(k) for k in keys}
     out.update({k: v for k, v in res.items() if k.startswith(("median_", "p50_", "p90_", "p99_", "mean_"))})
