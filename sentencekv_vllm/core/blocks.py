@@ -33,6 +33,11 @@ class BlockPlan:
     pinned: ``[R, NB+1]`` bool, fixed blocks and the padding column; pin_value: their score (``FIXED`` / ``-inf``).
     drop: ``[R, 1, kmax]`` bool, top-k slots beyond the row's own block budget (None when every row uses kmax).
     num_blocks: ``[R]`` blocks attended per row and KV head; seq_lens: ``[R]`` tokens they hold.
+    cand: ``[R, (NB+1)*M]`` per block, the ``M`` entries of its row's extended unit scores whose max is the block's
+    score: the units overlapping it and ``UNCOVERED`` (a block no unit scores above that), or ``FIXED`` / ``-inf``
+    alone for sink / tail and out-of-range blocks (the same max as scatter-max into ``base``, then ``pinned``; as a
+    gather, one op per layer instead of four). Extended scores: ``S`` unit scores, then the three constants.
+    tie: ``[NB+1]`` int64 low half of the ranking keys (the lower block wins a tie; :func:`rank_keys`).
     """
 
     unit_block: torch.Tensor
@@ -44,6 +49,9 @@ class BlockPlan:
     drop: torch.Tensor | None
     num_blocks: torch.Tensor
     seq_lens: torch.Tensor
+    cand: torch.Tensor
+    tie: torch.Tensor
+    _ext: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -53,6 +61,15 @@ class BlockPlan:
     def trash(self) -> int:
         """Column index used for padding; maps to no real block."""
         return self.base.shape[1] - 1
+
+    def extended(self, num_kv_heads: int, num_units: int) -> torch.Tensor:
+        """``[R, Hk, S+3]`` float32 workspace (reused by every layer of the step): unit scores, then ``UNCOVERED``,
+        ``FIXED`` and ``-inf`` (the entries ``cand`` points at besides units)."""
+        r = self.base.shape[0]
+        if self._ext is None or self._ext.shape != (r, num_kv_heads, num_units + 3):
+            self._ext = torch.empty(r, num_kv_heads, num_units + 3, dtype=torch.float32, device=self.base.device)
+            self._ext[..., num_units:] = torch.tensor([UNCOVERED, FIXED, NEG_INF], device=self.base.device)
+        return self._ext
 
 
 def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tensor, seq_lens: torch.Tensor,
@@ -86,19 +103,47 @@ def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tens
     fill = seq_lens - (nb - 1) * bs
     pinned = fixed | (cols == width)
     pin_value = torch.where(fixed, torch.tensor(FIXED, device=dev), torch.tensor(NEG_INF, device=dev))
+    real = unit_valid[..., None] & (offs <= (last - first)[..., None])        # (unit, k) entries, no repeats
+    cand = _candidates(unit_block, real, fixed, in_range)
+    tie = (1 << 31) - 1 - torch.arange(width + 1, device=dev)
     return BlockPlan(unit_block.reshape(r, -1), spread, base, fixed, pinned, pin_value, drop, k,
-                     (k - 1) * bs + fill)
+                     (k - 1) * bs + fill, cand, tie)
 
 
-def block_scores(unit_scores: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+def _candidates(unit_block: torch.Tensor, real: torch.Tensor, fixed: torch.Tensor,
+                in_range: torch.Tensor) -> torch.Tensor:
+    """``BlockPlan.cand`` from ``[R, S, K]`` unit blocks (``real``: entries that are a unit's own block)."""
+    r, s, spread = unit_block.shape
+    nb1 = fixed.shape[1]
+    dev = unit_block.device
+    row = torch.arange(r, device=dev).view(r, 1, 1).expand_as(unit_block)[real]
+    unit = torch.arange(s, device=dev).view(1, s, 1).expand_as(unit_block)[real]
+    group = row * nb1 + unit_block[real]
+    order = torch.argsort(group * s + unit)
+    group, unit = group[order], unit[order]
+    counts = torch.bincount(group, minlength=r * nb1)
+    m = int(counts.max()) + 1 if group.numel() else 1
+    pos = torch.arange(group.numel(), device=dev) - (counts.cumsum(0) - counts)[group]
+    cand = torch.full((r * nb1, m), s, dtype=torch.long, device=dev)          # s: UNCOVERED
+    cand[group, pos] = unit
+    cand = cand.view(r, nb1, m)
+    cand[fixed] = s + 1                                                        # FIXED
+    cand[~in_range] = s + 2                                                    # -inf (beyond the row, padding column)
+    return cand.view(r, -1)
+
+
+def block_scores(unit_scores: torch.Tensor, plan: BlockPlan, valid: torch.Tensor | None = None) -> torch.Tensor:
     """``[R, Hk, S]`` unit scores (``-inf`` = never) -> ``[R, Hk, NB+1]`` block scores (max over overlapping units;
-    sink and tail blocks ``FIXED``)."""
+    sink and tail blocks ``FIXED``). ``valid`` ``[R, Hk, S]`` (optional): units a head may take; the others score
+    ``-inf`` (masked while the scores are copied into the plan's workspace)."""
     r, hk, s = unit_scores.shape
-    spread = unit_scores[..., None].expand(r, hk, s, plan.spread).reshape(r, hk, -1)
-    scores = plan.base[:, None, :].expand(r, hk, -1).clone()
-    scores.scatter_reduce_(2, plan.unit_block[:, None, :].expand(r, hk, -1), spread, "amax")
-    # sink / tail blocks FIXED; the padding column (where padding units land) -inf
-    return torch.where(plan.pinned[:, None, :], plan.pin_value[:, None, :], scores)
+    ext = plan.extended(hk, s)
+    if valid is None:
+        ext[..., :s].copy_(unit_scores)
+    else:
+        torch.where(valid, unit_scores, ext[..., -1:], out=ext[..., :s])     # ext[..., -1] holds -inf
+    nb1 = plan.base.shape[1]
+    return ext.gather(2, plan.cand[:, None, :].expand(r, hk, -1)).view(r, hk, nb1, -1).amax(-1)
 
 
 def recency_scores(plan: BlockPlan, num_kv_heads: int) -> torch.Tensor:
@@ -114,22 +159,23 @@ def select_blocks(scores: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     # the blocks of one sentence tie, and topk breaks ties differently for different widths, so a row would
     # select differently alone and in a batch: rank by an exact, unique key (score, then the earlier block) instead
     # (a stable sort does the same at ~4x the cost of topk at batch 8)
-    top = rank_keys(scores).topk(plan.width, dim=-1).indices
+    top = rank_keys(scores, plan.tie).topk(plan.width, dim=-1).indices
     if plan.drop is not None:
         top = top.masked_fill(plan.drop, plan.trash)
     return top.sort(dim=-1).values
 
 
-def rank_keys(scores: torch.Tensor) -> torch.Tensor:
+def rank_keys(scores: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
     """float32 ``[..., N]`` -> int64 keys in the same order, ties broken towards the lower index, all distinct.
 
     The float's bits as an int32 order like the floats once the magnitude bits of negatives are flipped; the
-    index goes into the low 32 bits.
+    index goes into the low 32 bits (``tie``: ``(1 << 31) - 1 - column``, built once per step by the plan).
     """
     bits = (scores.float() + 0.0).view(torch.int32)      # + 0.0: -0.0 ties with 0.0, as in a sort
     ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
-    cols = torch.arange(scores.shape[-1], device=scores.device)
-    return ordered * (1 << 32) + ((1 << 31) - 1 - cols)
+    if tie is None:
+        tie = (1 << 31) - 1 - torch.arange(scores.shape[-1], device=scores.device)
+    return ordered * (1 << 32) + tie
 
 
 def head_split_tables(block_table: torch.Tensor, num_kv_heads: int, trash: int) -> torch.Tensor:

@@ -115,9 +115,10 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
 
     def run() -> torch.Tensor:
         # as impl._sparse_paged: gather the rows' centroids into the pool's workspace, score them in place
+        valid = store.valid_rows(0, unit_slots)     # the engine gathers every layer's masks once per step
         units = store.unit_rows(0, unit_slots, policy.slots, scratch=True)
-        feats = policy.features(units, store.valid_rows(0, unit_slots), scratch=True)
-        blocks = select_blocks(block_scores(policy.score(qsum, feats), plan), plan)
+        scores = policy.raw_score(qsum, policy.features(units, valid, True))
+        blocks = select_blocks(block_scores(scores, plan, valid.transpose(1, 2)), plan)
         table = physical_tables(blocks, tables)
         ops.cpu_attention_with_kv_cache(q.view(r * hk, hq // hk, d), kc, vc, out, qsl, seq, d ** -0.5, True, None,
                                         -1, table, 0.0, md, None)

@@ -181,10 +181,10 @@ class SentenceKVImplMixin:
         blocks = paged.blocks
         if blocks is None:
             policy = policies.get(group.policy)
+            valid = paged.valid[layer_idx]
             units = store.unit_rows(layer_idx, group.unit_slots, policy.slots, scratch=True)
-            feats = policy.features(units, store.valid_rows(layer_idx, group.unit_slots), scratch=True)
-            scores = policy.score(store.query_sums(layer_idx, group.slot), feats)
-            blocks = select_blocks(block_scores(scores, paged.plan), paged.plan)
+            scores = policy.raw_score(store.query_sums(layer_idx, group.slot), policy.features(units, valid, True))
+            blocks = select_blocks(block_scores(scores, paged.plan, valid.transpose(1, 2)), paged.plan)
         tables = paged.tables
         t1 = time.perf_counter()
         if group.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks

@@ -65,6 +65,7 @@ class PagedGroup:
     tables: torch.Tensor                # [R, Hk, NB+1] head-split block id of each logical block
     metadata: Any                       # stock metadata of the head-split batch (block table set per layer)
     blocks: torch.Tensor | None = None  # [R, Hk, W] logical blocks when they do not depend on the layer (streaming)
+    valid: torch.Tensor | None = None   # [L, R, S, Hk] whether each head may take each unit, every layer (one gather)
 
 
 @dataclass
@@ -353,7 +354,10 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
     qsl = torch.arange(len(seq) + 1, dtype=torch.int32, device=seq.device)
     md = builder.subset_metadata(base, qsl, seq, g.block_table, len(seq), heads=(hq // hk, 1))
     blocks = select_blocks(recency_scores(plan, hk), plan) if policy == "streaming" else None
-    return PagedGroup(plan, head_split_tables(g.block_table, hk, plan.trash), md, blocks)
+    valid = None
+    if blocks is None:     # the unit masks of every layer in one gather (per layer: a view)
+        valid = STATE.store.valid.index_select(1, g.unit_slots.reshape(-1)).view(-1, *g.unit_slots.shape, hk)
+    return PagedGroup(plan, head_split_tables(g.block_table, hk, plan.trash), md, blocks, valid)
 
 
 def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:

@@ -130,7 +130,12 @@ class Policy:
         return UnitFeatures(a, valid, rest[0] if rest else None, scratch=scratch)
 
     def score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
-        """``[R, Hk, S]`` unit scores (``-inf`` = never take). query ``[R, Hk, D]``."""
+        """``[R, Hk, S]`` unit scores (``-inf`` = never take: ``feats.valid`` false). query ``[R, Hk, D]``."""
+        return self.raw_score(query, feats).masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
+
+    def raw_score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
+        """``[R, Hk, S]`` unit scores before ``feats.valid`` is applied (the paged decode path masks them while
+        copying them into its workspace, ``core.blocks.block_scores``)."""
         raise NotImplementedError(f"policy {self.name!r} does not score units")
 
     def allowed(self, query: torch.Tensor | None, feats: UnitFeatures | None, batch: SelectionBatch,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from sentencekv_vllm.core.index import page_bounds
-from sentencekv_vllm.core.selection import NEG_INF, UnitFeatures
+from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.policies.base import Policy, PolicyConfig, Tensors
 
 
@@ -30,7 +30,7 @@ class Quest(Policy):
     def close_open(self, open_rows: Tensors, count: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"key_min": open_rows["key_min"], "key_max": open_rows["key_max"]}
 
-    def score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
+    def raw_score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
         """Quest upper bound of q·k over a page: ``sum_d max(q_d * min_d, q_d * max_d)``."""
         assert feats.b is not None, "quest needs min and max page keys"
         q = query.float()[:, None]                                              # [R, 1, Hk, D]
@@ -38,4 +38,4 @@ class Quest(Policy):
             bound = torch.maximum(feats.a.mul_(q), feats.b.mul_(q), out=feats.a).sum(-1)
         else:
             bound = torch.maximum(q * feats.a.float(), q * feats.b.float()).sum(-1)  # [R, S, Hk]
-        return bound.transpose(1, 2).masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
+        return bound.transpose(1, 2)

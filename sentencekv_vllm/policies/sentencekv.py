@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from sentencekv_vllm.core.index import retention_mask, sentence_centroids, snapkv_importance
-from sentencekv_vllm.core.selection import NEG_INF, UnitFeatures
+from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.policies.base import Policy, PolicyConfig, Tensors
 
 
@@ -31,12 +31,11 @@ class SentenceKV(Policy):
     def close_open(self, open_rows: Tensors, count: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"centroid": open_rows["key_sum"] / count.view(-1, 1, 1)}
 
-    def score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
+    def raw_score(self, query: torch.Tensor, feats: UnitFeatures) -> torch.Tensor:
         """Dot product of the (mean current-sentence) query with sentence centroids. ``[R, Hk, D]`` -> ``[R, Hk, S]``.
 
         Product + sum (not einsum/bmm) so a row's scores do not depend on what else is in the batch.
         """
         q = query.float()[:, None]
         prod = feats.a.mul_(q) if feats.scratch and feats.a.dtype == torch.float32 else q * feats.a.float()
-        scores = prod.sum(-1).transpose(1, 2)
-        return scores.masked_fill(~feats.valid.transpose(1, 2), NEG_INF)
+        return prod.sum(-1).transpose(1, 2)

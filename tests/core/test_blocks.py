@@ -157,3 +157,35 @@ def test_ties_break_the_same_way_at_any_width():
     one = select_blocks(block_scores(scores, plan_one), plan_one)
     two = select_blocks(block_scores(padded, plan_two), plan_two)
     assert torch.equal(one[0], two[0])
+
+
+def _scatter_max_scores(unit_scores: torch.Tensor, plan) -> torch.Tensor:
+    """The direct formula the gather in ``block_scores`` replaces: scatter-max of every (unit, block it touches)
+    into the base scores, then sink / tail blocks ``FIXED`` and the padding column ``-inf``."""
+    r, hk, s = unit_scores.shape
+    spread = unit_scores[..., None].expand(r, hk, s, plan.spread).reshape(r, hk, -1)
+    scores = plan.base[:, None, :].expand(r, hk, -1).clone()
+    scores.scatter_reduce_(2, plan.unit_block[:, None, :].expand(r, hk, -1), spread, "amax")
+    return torch.where(plan.pinned[:, None, :], plan.pin_value[:, None, :], scores)
+
+
+def test_block_scores_equal_scatter_max_with_masked_units():
+    """Random spans (units of 1-90 tokens, some padding rows), scores with -inf and exact ties, per-head masks."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        spans, lens = [], []
+        for _ in range(3):
+            n = int(torch.randint(300, 900, (1,), generator=gen))
+            cuts = sorted(set(torch.randint(1, n, (int(torch.randint(2, 20, (1,), generator=gen)),),
+                                            generator=gen).tolist()))
+            edges = [0, *cuts, n]
+            spans.append(list(zip(edges[:-1], edges[1:], strict=True)))
+            lens.append(n)
+        plan, s = _plan(spans, lens, budget=6 * BS)
+        scores = torch.randn(3, 2, s, generator=gen).round(decimals=1)       # exact ties across units
+        scores[torch.rand(3, 2, s, generator=gen) < 0.2] = float("-inf")
+        valid = torch.rand(3, 2, s, generator=gen) > 0.3
+        masked = scores.masked_fill(~valid, float("-inf"))
+        expected = _scatter_max_scores(masked, plan)
+        assert torch.equal(block_scores(scores, plan, valid), expected), trial
+        assert torch.equal(block_scores(masked, plan), expected), trial
