@@ -17,6 +17,8 @@ from typing import Iterator
 import requests
 
 VENV_BIN = Path(sys.executable).parent   # the `vllm` next to this interpreter
+# defaults for the servers the harness starts; the caller's environment wins (e.g. VLLM_CPU_KVCACHE_SPACE=8 for a
+# benchmark whose KV does not fit 2 GiB)
 BASE_ENV = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_CPU_KVCACHE_SPACE": "2",
@@ -56,7 +58,7 @@ def vllm_server(model: str, *args: str, env: dict[str, str] | None = None, timeo
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
     full_env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
-    full_env.update({**BASE_ENV, **(env or {})})
+    full_env.update({**{k: v for k, v in BASE_ENV.items() if k not in os.environ}, **(env or {})})
     cmd = [str(VENV_BIN / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
