@@ -2,7 +2,9 @@
 
 For every (batch, prompt length) point, ``batch`` streaming requests with distinct prompts start together; the
 pure-decode window runs from the moment the last of them got its first token to the moment the first of them got
-its last token (no prefill in the window). Step time = window / decode steps in it. TTFT is read at batch 1.
+its last token (no prefill in the window). Step time = window / decode steps in it. TTFT is the median over the
+point's requests; "TTFT repeated prompt" sends the point's first prompt once more (a prefix-cache hit where the
+server caches prefixes; SentenceKV recomputes the observation window).
 Servers run one after another with identical arguments (block size, dtype, pool) except the backend.
 
     sentencekv-eval perf --out docs/eval/perf                     # 1x2k, 1x4k, 1x7.5k, 8x7.5k; tau = 1024
@@ -79,6 +81,12 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> 
     }
 
 
+def repeat_ttft(client: openai.OpenAI, prompt: str) -> float:
+    """TTFT of a prompt the server has just served (prefix caching: SentenceKV recomputes the observation window)."""
+    run = stream_tokens(client, prompt, 2, threading.Barrier(1))
+    return run["times"][0] - run["t0"]
+
+
 def vllm_bench(url: str, tokenizer_path: str, batch: int, length: int, max_tokens: int) -> dict[str, Any]:
     """``vllm bench serve`` at one point: ``batch`` random prompts of ``length`` tokens sent at once, ``max_tokens``
     each (``--ignore-eos``); returns its saved result's throughput and latency percentiles."""
@@ -122,7 +130,8 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
                 runs = [decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens)
                         for rep in range(repeats)]
                 best = sorted(runs, key=lambda x: x["step_ms"] or 1e9)[len(runs) // 2]
-                rows[f"{batch}x{length}"] = {**best, "runs": runs}
+                again = repeat_ttft(client, prompts_for(tokenizer, 1, length, 0)[0])
+                rows[f"{batch}x{length}"] = {**best, "runs": runs, "ttft_repeat_s": again}
                 print(f"{variant:>10} {batch}x{length}: step {best['step_ms']:.1f} ms  ttft {best['ttft_s']:.2f} s",
                       flush=True)
                 if bench:
@@ -138,6 +147,7 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
     variants = list(results)
     head = "| requests × prompt | " + " | ".join(f"{v} step (ms)" for v in variants)
     head += " | " + " | ".join(f"{v} / stock" for v in variants if v != "stock") + " | TTFT stock / skv (s) |"
+    head += " TTFT repeated prompt stock / skv (s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for batch, length in points:
         key = f"{batch}x{length}"
@@ -148,6 +158,8 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             skv = next((v for v in variants if v != "stock"), None)
             ttft = results["stock"]["points"][key]["ttft_s"]
             row += f" | {ttft:.2f} / {results[skv]['points'][key]['ttft_s']:.2f} |" if skv else " | |"
+            warm = [results[v]["points"][key].get("ttft_repeat_s") for v in ("stock", skv)]
+            row += f" {warm[0]:.2f} / {warm[1]:.2f} |" if skv and None not in warm else " |"
         lines.append(row)
     return "\n".join(lines) + "\n" + bench_table(results, points)
 
