@@ -52,10 +52,14 @@ class BlockPlan:
     cand: torch.Tensor
     tie: torch.Tensor
     _ext: torch.Tensor | None = None
+    _width: int | None = None
 
     @property
     def width(self) -> int:
-        return int(self.num_blocks.max())
+        """Most blocks any row attends (read once per step: every layer's topk needs it, as a Python int)."""
+        if self._width is None:
+            self._width = int(self.num_blocks.max())
+        return self._width
 
     @property
     def trash(self) -> int:

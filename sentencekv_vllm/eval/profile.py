@@ -5,7 +5,8 @@ model's forward runs under this process's ``torch.profiler``. ``batch`` distinct
 prefilled until every request has its first token; then ``warmup`` decode steps, ``steps`` steps timed one by one
 (``LLMEngine.step``, no HTTP), and ``steps`` more under the profiler. Reported per variant: median step time, the
 top operators by self CPU time per step, operator events per attention-layer call, and host syncs per layer call
-(``aten::item`` / ``aten::_local_scalar_dense``: free on CPU, a device round trip each on a GPU).
+(``aten::_local_scalar_dense``, what ``.item()`` / ``int(tensor)`` run: free on CPU, a device round trip each on a
+GPU).
 
     sentencekv-eval profile --points 1x2000,4x4000 --dtype float32 --out docs/eval/perf/profile
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 from sentencekv_vllm.eval.perf import VARIANTS, prompts_for
 
-SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
+SYNC_OPS = ("aten::_local_scalar_dense",)     # what .item() / int(tensor) / .tolist() of a scalar run
 TOP_OPS = 15
 
 
