@@ -26,26 +26,20 @@ NEG_INF = float("-inf")
 class BlockPlan:
     """Per-step block-selection inputs of one group of ``R`` decode rows (``NB`` = most blocks of any row).
 
-    unit_block: ``[R, S*K]`` block of each (unit, k-th block it touches); padding units point at column ``NB``.
-    spread: ``K``, most blocks one unit touches.
     base: ``[R, NB+1]`` score of a block before units are scored (``UNCOVERED`` in range, ``-inf`` beyond).
     fixed: ``[R, NB+1]`` bool, sink and tail blocks (always attended).
-    pinned: ``[R, NB+1]`` bool, fixed blocks and the padding column; pin_value: their score (``FIXED`` / ``-inf``).
     drop: ``[R, 1, kmax]`` bool, top-k slots beyond the row's own block budget (None when every row uses kmax).
     num_blocks: ``[R]`` blocks attended per row and KV head; seq_lens: ``[R]`` tokens they hold.
     cand: ``[R, (NB+1)*M]`` per block, the ``M`` entries of its row's extended unit scores whose max is the block's
     score: the units overlapping it and ``UNCOVERED`` (a block no unit scores above that), or ``FIXED`` / ``-inf``
-    alone for sink / tail and out-of-range blocks (the same max as scatter-max into ``base``, then ``pinned``; as a
-    gather, one op per layer instead of four). Extended scores: ``S`` unit scores, then the three constants.
+    alone for sink / tail and out-of-range blocks (the same max as scatter-max of each unit into the blocks it
+    touches on top of ``base``, then ``FIXED`` / ``-inf`` pinned; as a gather, one op per layer instead of four).
+    Extended scores: ``S`` unit scores, then the three constants.
     tie: ``[NB+1]`` int64 low half of the ranking keys (the lower block wins a tie; :func:`rank_keys`).
     """
 
-    unit_block: torch.Tensor
-    spread: int
     base: torch.Tensor
     fixed: torch.Tensor
-    pinned: torch.Tensor
-    pin_value: torch.Tensor
     drop: torch.Tensor | None
     num_blocks: torch.Tensor
     seq_lens: torch.Tensor
@@ -84,7 +78,6 @@ def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tens
     token; budget ``[R]`` tokens; tail_start ``[R]`` first always-attended token at the end (the recent window,
     or the open sentence's start when that is earlier). The tail is cut so that sinks + tail fit the budget.
     """
-    r = seq_lens.shape[0]
     dev = seq_lens.device
     bs = block_size
     nb = (seq_lens + bs - 1) // bs
@@ -105,13 +98,10 @@ def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tens
     kmax = int(k.max())
     drop = (torch.arange(kmax, device=dev)[None, :] >= k[:, None])[:, None, :] if bool((k < kmax).any()) else None
     fill = seq_lens - (nb - 1) * bs
-    pinned = fixed | (cols == width)
-    pin_value = torch.where(fixed, torch.tensor(FIXED, device=dev), torch.tensor(NEG_INF, device=dev))
     real = unit_valid[..., None] & (offs <= (last - first)[..., None])        # (unit, k) entries, no repeats
     cand = _candidates(unit_block, real, fixed, in_range)
     tie = (1 << 31) - 1 - torch.arange(width + 1, device=dev)
-    return BlockPlan(unit_block.reshape(r, -1), spread, base, fixed, pinned, pin_value, drop, k,
-                     (k - 1) * bs + fill, cand, tie)
+    return BlockPlan(base, fixed, drop, k, (k - 1) * bs + fill, cand, tie)
 
 
 def _candidates(unit_block: torch.Tensor, real: torch.Tensor, fixed: torch.Tensor,

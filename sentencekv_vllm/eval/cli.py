@@ -53,12 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report")
     rep.add_argument("out")
     perf = sub.add_parser("perf", help="pure-decode step time, stock vs SentenceKV, same run (eval/perf.py)")
-    perf.add_argument("--model", help="model path (default: the packaged test model)")
-    perf.add_argument("--out", default="results/perf")
-    perf.add_argument("--points", default="1x2000,1x4000,1x7500,8x7500", help="BATCHxPROMPT_TOKENS,...")
-    perf.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,forced,exact,host")
-    perf.add_argument("--budget", type=int, default=1024)
-    perf.add_argument("--block-size", type=int, default=32)
+    add_decode_point_arguments(perf, "results/perf", "1x2000,1x4000,1x7500,8x7500")
     perf.add_argument("--max-tokens", type=int, default=64)
     perf.add_argument("--repeats", type=int, default=1)
     perf.add_argument("--server-args", default="", help="extra `vllm serve` arguments for every server")
@@ -66,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also run vLLM's own `vllm bench serve` at every point (random prompts of the point's "
                            "length, all sent at once, --ignore-eos): output throughput and TTFT/TPOT/ITL percentiles")
     prof = sub.add_parser("profile", help="torch.profiler over decode steps, stock vs SentenceKV (eval/profile.py)")
-    prof.add_argument("--model", help="model path (default: the packaged test model)")
-    prof.add_argument("--out", default="results/profile")
-    prof.add_argument("--points", default="1x2000,4x4000", help="BATCHxPROMPT_TOKENS,...")
-    prof.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,forced,exact,host")
-    prof.add_argument("--budget", type=int, default=1024)
-    prof.add_argument("--block-size", type=int, default=32)
+    add_decode_point_arguments(prof, "results/profile", "1x2000,4x4000")
     prof.add_argument("--dtype", default="float32")
     prof.add_argument("--steps", type=int, default=10, help="decode steps timed, and as many profiled")
     prof.add_argument("--warmup", type=int, default=5)
@@ -88,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     ker.add_argument("--max-kv-gib", type=float, default=6.0, help="skip points whose KV exceeds this")
     ker.add_argument("--no-exact", action="store_true", help="skip the exact (gather) path")
     return parser
+
+
+def add_decode_point_arguments(p: argparse.ArgumentParser, out: str, points: str) -> None:
+    """What ``perf`` and ``profile`` share: the model, the (batch x prompt) points, the variants and their pool."""
+    p.add_argument("--model", help="model path (default: the packaged test model)")
+    p.add_argument("--out", default=out)
+    p.add_argument("--points", default=points, help="BATCHxPROMPT_TOKENS,...")
+    p.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,forced,exact,host")
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=32)
 
 
 # Every grid: (flag, settings key, parser, quick default, full default). `None` on the command line keeps the default.

@@ -58,7 +58,7 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(**engine_kwargs(spec["model"], spec["variant"], spec["budget"], spec["block_size"], spec["max_len"],
                               spec["dtype"]))
     engine = llm.llm_engine
-    n_layers = llm.llm_engine.vllm_config.model_config.get_num_layers(llm.llm_engine.vllm_config.parallel_config)
+    n_layers = engine.vllm_config.model_config.get_num_layers(engine.vllm_config.parallel_config)
     results = {}
     for batch, length in spec["points"]:
         key = f"{batch}x{length}"

@@ -156,7 +156,7 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
     if cache.enable_prefix_caching and cfg.offload == "host":
         # The host tier returns spilled blocks to vLLM's free pool while the request still maps them; a prefix hit
         # on such a block would share a block whose owner no longer holds it. (Without the tier, hits are capped so
-        # the observation window is recomputed: ``connector.prefix_hit_cap``.)
+        # the observation window is recomputed: ``prefix_cache.py``.)
         logger.warning("SentenceKV: disabling prefix caching (not combined with offload: host yet)")
         cache.enable_prefix_caching = False
     select_v1_model_runner(vllm_config)

@@ -159,14 +159,20 @@ def test_ties_break_the_same_way_at_any_width():
     assert torch.equal(one[0], two[0])
 
 
-def _scatter_max_scores(unit_scores: torch.Tensor, plan) -> torch.Tensor:
-    """The direct formula the gather in ``block_scores`` replaces: scatter-max of every (unit, block it touches)
-    into the base scores, then sink / tail blocks ``FIXED`` and the padding column ``-inf``."""
-    r, hk, s = unit_scores.shape
-    spread = unit_scores[..., None].expand(r, hk, s, plan.spread).reshape(r, hk, -1)
+def _scatter_max_scores(unit_scores: torch.Tensor, plan, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """The direct formula the gather in ``block_scores`` replaces: every unit's score max-ed into each block its
+    span touches, on top of the plan's base scores; then sink / tail blocks ``FIXED`` and the padding column
+    ``-inf``."""
+    r, hk, _ = unit_scores.shape
     scores = plan.base[:, None, :].expand(r, hk, -1).clone()
-    scores.scatter_reduce_(2, plan.unit_block[:, None, :].expand(r, hk, -1), spread, "amax")
-    return torch.where(plan.pinned[:, None, :], plan.pin_value[:, None, :], scores)
+    for i, row in enumerate(spans):
+        for j, (a, b) in enumerate(row):
+            for blk in range(a // BS, (b - 1) // BS + 1):
+                scores[i, :, blk] = torch.maximum(scores[i, :, blk], unit_scores[i, :, j])
+    pinned = plan.fixed.clone()
+    pinned[:, plan.trash] = True
+    pin_value = torch.where(plan.fixed, torch.tensor(FIXED), torch.tensor(float("-inf")))
+    return torch.where(pinned[:, None, :], pin_value[:, None, :], scores)
 
 
 def test_block_scores_equal_scatter_max_with_masked_units():
@@ -186,6 +192,6 @@ def test_block_scores_equal_scatter_max_with_masked_units():
         scores[torch.rand(3, 2, s, generator=gen) < 0.2] = float("-inf")
         valid = torch.rand(3, 2, s, generator=gen) > 0.3
         masked = scores.masked_fill(~valid, float("-inf"))
-        expected = _scatter_max_scores(masked, plan)
+        expected = _scatter_max_scores(masked, plan, spans)
         assert torch.equal(block_scores(scores, plan, valid), expected), trial
         assert torch.equal(block_scores(masked, plan), expected), trial
