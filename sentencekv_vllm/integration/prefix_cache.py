@@ -18,8 +18,9 @@ Installed by the KV connector's scheduler role when prefix caching is on (it is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig, resolve_request_or_server
@@ -29,6 +30,9 @@ from sentencekv_vllm.config import SentenceKVConfig, resolve_request_or_server
 class PrefixCacheRule:
     cfg: SentenceKVConfig
     block_size: int
+    # max_cached runs for every scheduled request at every step; its answer is fixed per request (prompt length
+    # and overrides), so it is worked out (overrides validated) once per request object
+    _cached: WeakKeyDictionary = field(default_factory=WeakKeyDictionary, compare=False, repr=False)
 
     def max_hit(self, request: Any) -> int:
         """Longest prefix-cache hit the request may take (tokens, whole blocks)."""
@@ -38,6 +42,11 @@ class PrefixCacheRule:
 
     def max_cached(self, request: Any) -> int | None:
         """Tokens of the request whose KV a dense computation would reproduce (None: all of them)."""
+        if request not in self._cached:
+            self._cached[request] = self._exact_tokens(request)
+        return self._cached[request]
+
+    def _exact_tokens(self, request: Any) -> int | None:
         cfg = resolve_request_or_server(self.cfg, getattr(request.sampling_params, "extra_args", None))
         policy = policies.get(cfg.policy)
         if policy.dense:

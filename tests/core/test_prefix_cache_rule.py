@@ -11,10 +11,16 @@ from sentencekv_vllm.config import SentenceKVConfig
 from sentencekv_vllm.integration.prefix_cache import PrefixCacheRule
 
 
-def _request(num_tokens: int, prompt: int | None = None, **xargs) -> SimpleNamespace:
-    extra = {f"sentencekv_{k}": v for k, v in xargs.items()} or None
-    return SimpleNamespace(num_tokens=num_tokens, num_prompt_tokens=prompt or num_tokens,
-                           sampling_params=SimpleNamespace(extra_args=extra))
+class _Request:
+    """The fields of vllm.v1.request.Request the rules read (a plain object: the rule keeps weak references)."""
+
+    def __init__(self, num_tokens: int, num_prompt_tokens: int, extra_args: dict | None) -> None:
+        self.num_tokens, self.num_prompt_tokens = num_tokens, num_prompt_tokens
+        self.sampling_params = SimpleNamespace(extra_args=extra_args)
+
+
+def _request(num_tokens: int, prompt: int | None = None, **xargs) -> _Request:
+    return _Request(num_tokens, prompt or num_tokens, {f"sentencekv_{k}": v for k, v in xargs.items()} or None)
 
 
 @pytest.mark.parametrize(("n", "expected"), [(2090, 2048), (2080, 2048), (2079, 2016), (40, 0), (10, 0)])
