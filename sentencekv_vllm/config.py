@@ -89,13 +89,21 @@ class SentenceKVConfig(BaseModel):
     max_sentence_len: int = Field(128, gt=0, description="Longer sentences are split.")
     obs_window: int = Field(32, gt=0, description="SnapKV observation window: the last prompt queries scored.")
     pool_kernel: int = Field(7, gt=0, description="SnapKV 1-D pooling kernel (odd).")
+    index_tokens_per_unit: int = Field(16, gt=0, description=(
+        "The sentence index (float32 centroids on the device) is allocated at start-up for every token the KV "
+        "pools can hold (device + host tier) at one sentence per this many tokens, and taken off vLLM's KV memory "
+        "(about 1/16 of it at the default: a centroid is as large as one token's K and V in bf16). Text whose "
+        "sentences are shorter on average outgrows it; the index then grows in 25% steps outside vLLM's budget "
+        "(logged)."))
     quest_page_size: int = Field(16, gt=0, description="Page size (tokens) of the `quest` baseline.")
     keep_unretained: bool = Field(True, description=(
         "Sentences with no SnapKV-retained token stay retrievable (centroid over all their keys); `false` makes "
         "them unselectable, as the reference code does (which also attends only the retained tokens of a "
         "selected sentence: policy `reference` does that)."))
     offload: Offload = Field("none", description="`host`: two-tier KV memory (see \"Two-tier memory\").")
-    host_pool_gib: float = Field(4.0, gt=0, description="Size of the host tier in GiB when `offload` is `host`.")
+    host_pool_gib: float | None = Field(None, gt=0, description=(
+        "Size of the host tier in GiB when `offload` is `host`. Default: half of the RAM available at start-up (on "
+        "a CPU server less the KV cache, same RAM), at most what every request's whole context needs."))
     hot_set_factor: float = Field(1.0, ge=0, description=(
         "With `offload: host`, each sparse request keeps `hot_set_factor x (budget - sinks - recent)` tokens "
         "(rounded up to blocks) of its own device blocks as a hot set caching host blocks its recent selections "

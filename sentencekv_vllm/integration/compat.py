@@ -133,6 +133,11 @@ def model_dims(vllm_config: Any) -> tuple[int, int, int, int]:
     return (mc.get_num_layers(pc), mc.get_num_kv_heads(pc), mc.get_num_attention_heads(pc), mc.get_head_size())
 
 
+def model_device(runner: Any) -> torch.device:
+    """The device the model runner keeps the model and KV cache on."""
+    return torch.device(runner.device)
+
+
 def register_kv_spec(spec: type, manager: type, base: type) -> None:
     """Map a KV cache spec to its manager in vLLM's spec registry (the built-in entries must exist first, or the
     registry's lazy init would overwrite ours)."""

@@ -24,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from sentencekv_vllm.config import SentenceKVConfig
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.log import get_logger
+from sentencekv_vllm.integration.memory import host_pool_bytes
 from sentencekv_vllm.integration.tier.messages import Spill, host_block_bytes
 from sentencekv_vllm.integration.tier.scheduler import ENGINE
 
@@ -46,14 +47,15 @@ class SentenceKVConnector(KVConnectorBase_V1):
         self.tiered = self.cfg.offload == "host"
         metrics.enable(self.cfg.stats)
         self.host_capacity = 0
+        host_bytes = host_pool_bytes(self.cfg, vllm_config)
         if kv_cache_config is not None and self.tiered:
-            self.host_capacity = int(self.cfg.host_pool_gib * 2**30) // max(1, host_block_bytes(kv_cache_config))
+            self.host_capacity = host_bytes // max(1, host_block_bytes(kv_cache_config))
         if role == KVConnectorRole.SCHEDULER and self.tiered:
             from sentencekv_vllm.integration.tier import kv_spec
 
             kv_spec.register()
             ENGINE.configure(self.cfg, self.host_capacity, vllm_config.cache_config.block_size)
-            logger.info("SentenceKV host tier: %d blocks (%.2f GiB)", self.host_capacity, self.cfg.host_pool_gib)
+            logger.info("SentenceKV host tier: %d blocks (%.2f GiB)", self.host_capacity, host_bytes / 2**30)
         if role == KVConnectorRole.SCHEDULER and vllm_config.cache_config.enable_prefix_caching:
             from sentencekv_vllm.integration.compat import limit_prefix_cache
             from sentencekv_vllm.integration.prefix_cache import PrefixCacheRule

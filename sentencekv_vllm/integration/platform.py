@@ -295,3 +295,9 @@ def _install_connector(vllm_config: Any, cfg: SentenceKVConfig) -> None:
         return
     if current is None or current.kv_connector is None:
         vllm_config.kv_transfer_config = KVTransferConfig(**transfer_config())
+    from vllm.platforms import current_platform
+
+    from sentencekv_vllm.integration.memory import resolve_host_pool
+
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+    resolve_host_pool(cfg, vllm_config, extra, cpu=current_platform.is_cpu())

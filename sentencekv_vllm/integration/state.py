@@ -12,9 +12,10 @@ Layout of the pools (``L`` layers, ``Hk``/``Hq`` KV/query heads, ``D`` head dim)
 * token-level policies (SnapKV) keep their prefill choice per request (``RequestState.tokens``).
 
 Centroids are a side pool rather than KV blocks: they are tiny (``S x Hk x D`` per layer), need float32 and are
-rewritten per layer in the forward. Their bytes (``nbytes``, exported as ``sentencekv_index_bytes``) are not
-subtracted from vLLM's KV sizing: one unit costs ``L x Hk x D x 4`` bytes (23 KB for SmolLM2), about 5% of the bf16
-KV bytes of the tokens it summarises at 20-token sentences (an 8k prompt: ~3 blocks of 128 tokens' worth).
+rewritten per layer in the forward. One unit costs ``L x Hk x D x 4`` bytes (23 KB for SmolLM2), about 5% of the
+bf16 KV bytes of the tokens it summarises at 20-token sentences. The unit pool is allocated once at start-up for
+every token the KV pools can hold and taken off vLLM's KV memory (``memory.py``); exported as
+``sentencekv_index_bytes``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from sentencekv_vllm.integration.tier.messages import Spill
 from sentencekv_vllm.integration.trace import RequestTrace
 from sentencekv_vllm.policies.base import OPEN_INIT
 
-_INITIAL_UNITS = 1024
+_INITIAL_UNITS = 1024        # a store built before the worker reserved the index (tests, the layer benchmark)
+_GROWTH = 1.25               # past the reservation: small steps (old and new are alive together while copying)
 
 
 @dataclass
@@ -141,7 +143,8 @@ class RequestState:
 
 
 class UnitStore:
-    """The pooled tensors; grown (doubling) by the planner between steps, never inside a forward.
+    """The pooled tensors, allocated at start-up for ``capacity`` units (``memory.index_capacity``); should text
+    with very short sentences outgrow that, grown by 25% by the planner between steps, never inside a forward.
 
     ``units[slot]`` ``[L, P, Hk, D]``: the unit features of the server's policies (``sentencekv``: ``centroid``;
     ``quest``: ``key_min`` / ``key_max``), ``valid`` ``[L, P, Hk]``. ``open[slot]`` ``[L, max_reqs, Hk, D]``: running
@@ -151,19 +154,18 @@ class UnitStore:
 
     def __init__(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int, max_reqs: int,
                  device: torch.device, unit_slots: tuple[str, ...] = (),
-                 open_slots: Mapping[str, str] | None = None) -> None:
+                 open_slots: Mapping[str, str] | None = None, capacity: int = _INITIAL_UNITS) -> None:
         self.dims = (num_layers, num_kv_heads, num_heads, head_dim)
         self.device = device
         f32 = dict(dtype=torch.float32, device=device)
-        self.units = {name: torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, head_dim, **f32)
-                      for name in unit_slots}
-        self.valid = torch.zeros(num_layers, _INITIAL_UNITS, num_kv_heads, dtype=torch.bool, device=device)
+        self.units = {name: torch.zeros(num_layers, capacity, num_kv_heads, head_dim, **f32) for name in unit_slots}
+        self.valid = torch.zeros(num_layers, capacity, num_kv_heads, dtype=torch.bool, device=device)
         self.qsum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
         # open slot -> its reduction (``Policy.open_slots``: ``sum`` / ``amin`` / ``amax``)
         self.open_reduce = dict(open_slots or {})
         self.open = {name: torch.zeros_like(self.qsum) for name in self.open_reduce}
         self._scratch: dict[str, torch.Tensor] = {}
-        self.free_units = list(range(_INITIAL_UNITS - 1, -1, -1))
+        self.free_units = list(range(capacity - 1, -1, -1))
         self.free_slots = list(range(max_reqs - 1, -1, -1))
 
     @property
@@ -253,9 +255,13 @@ class UnitStore:
 
     def _grow(self) -> None:
         old = self.capacity
-        self.units = {name: _grow_rows(t, 2 * old) for name, t in self.units.items()}
-        self.valid = _grow_rows(self.valid, 2 * old)
-        self.free_units.extend(range(2 * old - 1, old - 1, -1))
+        new = max(old + 64, int(old * _GROWTH))
+        get_logger(__name__).warning("SentenceKV: the sentence index outgrew its start-up reservation (%d units); "
+                                     "growing it to %d outside vLLM's memory budget. Sentences are shorter than "
+                                     "index_tokens_per_unit on average: lower it to reserve more.", old, new)
+        self.units = {name: _grow_rows(t, new) for name, t in self.units.items()}
+        self.valid = _grow_rows(self.valid, new)
+        self.free_units.extend(range(new - 1, old - 1, -1))
 
 
 def _grow_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -287,13 +293,23 @@ class WorkerState:
         self.runner, self.vllm_config = runner, vllm_config
         self.cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
 
+    def reserve_index(self, pool_tokens: int) -> None:
+        """The worker allocated the KV cache (``pool_tokens`` tokens, device + host): allocate the index for them
+        now, before vLLM captures CUDA graphs (``memory.IndexReservingWorker`` took its bytes off the KV memory)."""
+        from sentencekv_vllm.integration.compat import model_device, model_dims
+        from sentencekv_vllm.integration.memory import index_capacity
+
+        max_seqs = self.vllm_config.scheduler_config.max_num_seqs
+        self.ensure_store(*model_dims(self.vllm_config), model_device(self.runner),
+                          capacity=index_capacity(self.cfg, pool_tokens, max_seqs))
+
     def ensure_store(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int,
-                     device: torch.device) -> UnitStore:
+                     device: torch.device, capacity: int = _INITIAL_UNITS) -> UnitStore:
         if self.store is None:
             max_reqs = self.vllm_config.scheduler_config.max_num_seqs
             unit_slots, _ = policies.pool_slots(self.units)
             self.store = UnitStore(num_layers, num_kv_heads, num_heads, head_dim, max_reqs, device, unit_slots,
-                                   policies.open_reductions(self.units))
+                                   policies.open_reductions(self.units), capacity)
         return self.store
 
     def new_request(self, req_id: str, extra_args: dict[str, Any] | None, prompt_len: int,

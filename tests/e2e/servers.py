@@ -29,10 +29,12 @@ def additional_config(section: dict) -> tuple[str, str]:
 SHARED = {"budget": 512, "trace_requests": 0, "dense_below": 1.0}
 SHARED_ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", "--block-size", "32")
 
-# Hostile conditions (tests/e2e/hostile/): spaCy, a tiny host tier that fills up, tiny device pool, priority
-# scheduling, the trace ring written to disk, the inspector behind an API key, non-default segmentation knobs.
+# Hostile conditions (tests/e2e/hostile/): spaCy, a tiny host tier that fills up, tiny device pool, an index
+# that outgrows its reservation, priority scheduling, the trace ring written to disk, the inspector behind an API
+# key, non-default segmentation knobs.
 HOSTILE = {"budget": 256, "offload": "host", "host_pool_gib": 0.05, "hot_set_factor": 0.5, "segmentation": "spacy",
-           "trace_requests": 64, "min_sentence_len": 3, "max_sentence_len": 96, "dense_below": 1.0}
+           "trace_requests": 64, "min_sentence_len": 3, "max_sentence_len": 96, "dense_below": 1.0,
+           "index_tokens_per_unit": 64}    # reserved for too few sentences: the index grows past its reservation
 # filled in by the fixtures: a temporary directory, and a spaCy pipeline saved to disk (blank "en" + sentencizer)
 HOSTILE_PATHS = {"trace_dir": "<a temporary directory>", "spacy_model": "<a saved spaCy pipeline>"}
 
@@ -42,7 +44,7 @@ OFFLOAD_BASE = {"budget": 512, "semantic_factor": 1.5, "obs_window": 24, "pool_k
                 "keep_unretained": False, "sinks": 16, "recent": 48, "attention": "exact", "dense_below": 1.0}
 OFFLOAD_HOST = {**OFFLOAD_BASE, "offload": "host", "host_pool_gib": 2.0}
 OFFLOAD_FULL_TIER = {**OFFLOAD_BASE, "offload": "host", "host_pool_gib": 0.02}
-SMALL_POOL = {"budget": 512, "offload": "host", "host_pool_gib": 2.0, "hot_set_factor": 0.25, "dense_below": 1.0}
+SMALL_POOL = {"budget": 512, "offload": "host", "hot_set_factor": 0.25, "dense_below": 1.0}   # host tier: auto size
 
 # bf16 batch invariance (tests/e2e/test_determinism.py) asserts on outputs only: per-step statistics off there.
 DETERMINISM = {"budget": 256, "stats": False, "dense_below": 1.0}

@@ -19,7 +19,7 @@ from sentencekv_vllm import fixtures
 from sentencekv_vllm.eval.launch import MULTIPROC_ENV
 from sentencekv_vllm.eval.serving import samples
 from tests import prompts
-from tests.e2e.servers import MODEL_NAME
+from tests.e2e.servers import MODEL_NAME, SHARED
 from tests.server import metric
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,25 @@ def test_backend_is_active(shared):
     log = shared.srv.log_text()
     assert "SentenceKV enabled" in log
     assert "Cannot use SENTENCEKV backend" not in log
+
+
+def test_index_is_reserved_at_start_up_inside_vllms_kv_memory(shared):
+    """#15.5: the sentence index is allocated once, at start-up, for every token of the KV pool, and its bytes were
+    taken off the memory vLLM sized the pool from (the log line), so it never grows on top of a full device."""
+    from sentencekv_vllm.config import SentenceKVConfig
+    from sentencekv_vllm.integration.memory import index_capacity, unit_bytes
+
+    found = re.search(r"MiB of KV memory reserved for the sentence index \((\d+) units\)", shared.srv.log_text())
+    assert found, "no index reservation logged"
+    shared.text("The capital of France is", max_tokens=2)       # gauges are read at a step
+    text = shared.metrics()
+    blocks = next(int(s.labels["num_gpu_blocks"]) for s in samples(text) if s.name == "vllm:cache_config_info")
+    cfg = SentenceKVConfig(**SHARED)
+    units = index_capacity(cfg, blocks * 32, 16)
+    assert units <= int(found.group(1))                         # the pool vLLM built fits the reservation
+    per_unit = unit_bytes(cfg, 30, 3, 64)                       # SmolLM2: 30 layers, 3 KV heads, head dim 64
+    index_bytes = metric(text, "sentencekv_index_bytes")
+    assert units * per_unit <= index_bytes < units * per_unit + 2**20   # + the per-request running sums
 
 
 def test_completions_chat_and_streaming(shared):
