@@ -189,8 +189,8 @@ class SentenceKVImplMixin:
         t1 = time.perf_counter()
         if group.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks
             r = blocks.shape[0]
-            resident, _ = make_resident(STATE.host, layer_idx, STATE.step, group.reqs, group.block_table,
-                                        group.host_slots, blocks.reshape(r, -1),
+            resident, _ = make_resident(STATE.host, STATE.hot, layer_idx, STATE.step, group.slot,
+                                        group.block_table, group.host_slots, blocks.reshape(r, -1),
                                         (blocks != paged.plan.trash).view(r, -1))
             tables = head_split_tables(resident, self.num_kv_heads, paged.plan.trash)
         paged.metadata.block_table = physical_tables(blocks, tables)
@@ -222,7 +222,8 @@ class SentenceKVImplMixin:
         block_table, host_slots = group.block_table, group.host_slots
         if host_slots is not None:     # single-head policies expand pos over heads: reshape, not view
             r = pos.shape[0]
-            block_table, host_slots = make_resident(STATE.host, layer_idx, STATE.step, group.reqs, block_table,
+            block_table, host_slots = make_resident(STATE.host, STATE.hot, layer_idx, STATE.step, group.slot,
+                                                    block_table,
                                                     host_slots, (pos // layout.block_size).reshape(r, -1),
                                                     ok.reshape(r, -1))
         t2 = time.perf_counter()

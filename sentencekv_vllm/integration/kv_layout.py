@@ -89,7 +89,12 @@ class BlockLayout:
         picked per token (``index_select``, ~5x faster than an element-wise ``take``); otherwise one ``take``.
         """
         hk = positions.shape[1]
-        heads = torch.arange(hk, device=positions.device).view(1, hk, 1)
+        return self.gather_tokens(flat, blocks, positions, torch.arange(hk, device=positions.device).view(1, hk, 1))
+
+    def gather_tokens(self, flat: torch.Tensor, blocks: torch.Tensor, positions: torch.Tensor,
+                      heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[*positions.shape, D]`` of KV head ``heads`` (broadcast against ``positions``) at token
+        ``positions`` in block ids ``blocks`` of ``flat`` storage: any set of (token, head) pairs."""
         off = positions % self.block_size
         start = blocks * flat.shape[1]
         values = flat.reshape(-1)

@@ -140,7 +140,7 @@ class IndexReservingWorker:
 
     def _token_bytes(self) -> tuple[int, int]:
         """(KV bytes per token over all layers, bytes per element), from the runner's own KV specs."""
-        specs = list(self.model_runner.get_kv_cache_spec().values())  # type: ignore[attr-defined]
+        specs = list(self.get_kv_cache_spec().values())  # type: ignore[attr-defined]
         per_token = sum(spec.page_size_bytes for spec in specs) // specs[0].block_size
         return per_token, specs[0].dtype.itemsize
 

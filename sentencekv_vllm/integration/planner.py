@@ -318,7 +318,7 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
     if policies.get(policy).paged and _paged(builder, budgets, traced):
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
         block_size = STATE.vllm_config.cache_config.block_size
-        if host_slots is not None and not hot_sets_hold(group.paged.plan, reqs, cfg.sinks, block_size):
+        if host_slots is not None and not hot_sets_hold(group.paged.plan, reqs, STATE.hot, cfg.sinks, block_size):
             group.paged = None
         group.rows = _as_slice([q0 for _, _, q0, _ in rows])
     return group

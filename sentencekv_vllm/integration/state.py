@@ -21,7 +21,7 @@ every token the KV pools can hold and taken off vLLM's KV memory (``memory.py``)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -31,7 +31,7 @@ from sentencekv_vllm.core.segmentation import IncrementalSegmenter
 from sentencekv_vllm.integration import trace
 from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.tier.host_pool import apply_spills
-from sentencekv_vllm.integration.tier.hotset import HotSet
+from sentencekv_vllm.integration.tier.hotset import HotSets
 from sentencekv_vllm.integration.tier.messages import Spill
 from sentencekv_vllm.integration.trace import RequestTrace
 from sentencekv_vllm.policies.base import OPEN_INIT
@@ -55,7 +55,6 @@ class RequestState:
     stream: Any = None                          # incremental segmenter over generated tokens
     open_start: int = 0                         # first position of the open (generated) sentence
     host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
-    hot: HotSet | None = None                   # device blocks caching host blocks (two-tier memory)
     trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0 or sentencekv_trace)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
     tokens: torch.Tensor | None = None          # [L, Hk, K] token-level policy features (Policy.build_tokens)
@@ -132,14 +131,10 @@ class RequestState:
         self.add_units([(self.open_start, end)], [unit])
         self.open_start = end
 
-    def spilled(self, logical: int, slot: int, kept_block: int | None, new_hot_set: Callable[[], HotSet]) -> None:
-        """Logical block ``logical`` now has a host copy in ``slot``; ``kept_block``: its device block stays
-        allocated and joins the request's hot set."""
+    def spilled(self, logical: int, slot: int) -> None:
+        """Logical block ``logical`` now has a host copy in ``slot`` (a kept device block's hot-set entry is
+        pooled: ``WorkerState.hot``)."""
         self.host_map[logical] = slot
-        if kept_block is not None:
-            if self.hot is None:
-                self.hot = new_hot_set()
-            self.hot.add(kept_block, logical)
 
 
 class UnitStore:
@@ -281,6 +276,7 @@ class WorkerState:
         self.requests: dict[str, RequestState] = {}
         self.store: UnitStore | None = None
         self.host: Any = None                   # tier.host_pool.HostPool when offload == "host"
+        self.hot: HotSets | None = None         # every request's hot set, a row per request slot (host tier)
         self.step = 0                           # engine steps planned (hot-set recency)
         self._segmenters: dict[str, Any] = {}
 
@@ -335,6 +331,8 @@ class WorkerState:
             trace.finish(req_id, state, token_ids, self.cfg, block_size, self.tokenizer)
         self.store.free(state.unit_slots)
         self.store.free_slots.append(state.slot)
+        if self.hot is not None:
+            self.hot.clear(state.slot)
 
     def begin_step(self) -> int:
         """The planner starts a step (the hot set's recency clock)."""
@@ -350,7 +348,15 @@ class WorkerState:
         request (finish, abort, preemption) needs nothing here: its map goes with its state."""
         if spills:
             assert self.host is not None, "host tier not initialised"
-            apply_spills(self.host, spills, self.requests, lambda: HotSet(self.store.dims[0], self.store.device))
+            apply_spills(self.host, spills, self.requests, self._keep_hot)
+
+    def _keep_hot(self, req: RequestState, block: int, logical: int) -> None:
+        """A spilled block stays allocated on the device and joins ``req``'s hot set (the pool is made at the
+        first kept block)."""
+        if self.hot is None:
+            assert self.store is not None
+            self.hot = HotSets(self.store.dims[0], self.store.qsum.shape[1], self.store.device)
+        self.hot.add(req.slot, block, logical)
 
     def gauges(self) -> dict[str, int]:
         """Values the worker's metrics snapshot reads (``metrics.snapshot_worker`` takes values, not state)."""

@@ -4,12 +4,17 @@
 layout, so a host block is read with the same offsets as a device block (``kv_layout.BlockLayout``). The connector
 calls :func:`apply_spills` in ``handle_preemptions``, which vLLM runs before the forward: the copies land before any
 freed block can be overwritten.
+
+On CUDA the device->host copies run on a side stream into pinned staging buffers, one layer after the other; the
+forward's stream waits for them on the device (an event), the Python thread does not. The staged blocks are
+scattered into their host slots when the host pool is next read (:meth:`HostPool.layer`, :meth:`HostPool.load`) or
+spilled to. On CPU the same path runs without streams.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,34 +30,78 @@ class HostPool:
     def __init__(self, kv_caches: dict[str, torch.Tensor], capacity: int) -> None:
         self.device_flat = []
         self.pool = []
-        pin = next(iter(kv_caches.values())).is_cuda
+        self.cuda = next(iter(kv_caches.values())).is_cuda
         for name in sorted(kv_caches, key=layer_index):     # pool[i] is layer i
             cache = kv_caches[name]
             per_block = block_numel(cache)
             self.device_flat.append(cache.as_strided((cache.shape[0], per_block), (cache.stride(0), 1)))
-            self.pool.append(torch.empty((capacity, per_block), dtype=cache.dtype, device="cpu", pin_memory=pin))
+            self.pool.append(torch.empty((capacity, per_block), dtype=cache.dtype, pin_memory=self.cuda))
         self.bytes_out = 0
+        self._stream = torch.cuda.Stream() if self.cuda else None
+        self._staging: list[torch.Tensor] = []
+        self._pending: tuple[Any, torch.Tensor, int] | None = None     # (copies-done event, host slots, count)
 
     def spill(self, spills: list[Spill]) -> None:
-        """Copy device blocks to host slots, every layer (before the scheduler's reuse of those blocks)."""
+        """Copy device blocks to host slots, every layer, before this step's forward can reuse those blocks."""
         if not spills:
             return
+        self._commit()
+        n = len(spills)
         src = torch.tensor([s.block for s in spills], dtype=torch.long)
         dst = torch.tensor([s.slot for s in spills], dtype=torch.long)
-        for dev, host in zip(self.device_flat, self.pool, strict=True):
-            host[dst] = dev[src.to(dev.device)].to("cpu")
-            self.bytes_out += host[0].numel() * host.element_size() * len(spills)
+        self._fit_staging(n)
+        done = None
+        if self._stream is None:
+            for dev, staged in zip(self.device_flat, self._staging, strict=True):
+                torch.index_select(dev, 0, src, out=staged[:n])
+        else:
+            main = torch.cuda.current_stream()
+            self._stream.wait_stream(main)          # the blocks' KV was written by earlier work on the main stream
+            with torch.cuda.stream(self._stream):
+                src_dev = src.to(self.device_flat[0].device, non_blocking=True)
+                for dev, staged in zip(self.device_flat, self._staging, strict=True):
+                    staged[:n].copy_(dev.index_select(0, src_dev), non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            main.wait_event(done)                   # the forward may overwrite the freed blocks only after this
+        self._pending = (done, dst, n)
+        self.bytes_out += n * sum(p.shape[1] * p.element_size() for p in self.pool)
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """Host copies of one layer, ``[slots, block_numel]``, with every spill so far in place."""
+        self._commit()
+        return self.pool[layer]
 
     def load(self, layer: int, block_ids: torch.Tensor, slots: torch.Tensor) -> int:
         """Copy host slots into device blocks of one layer (a hot-set swap-in); returns the bytes moved."""
-        dev, host = self.device_flat[layer], self.pool[layer]
+        dev, host = self.device_flat[layer], self.layer(layer)
         dev[block_ids.to(dev.device)] = host[slots.cpu()].to(dev.device, non_blocking=True)
         return len(slots) * host.shape[1] * host.element_size()
 
+    def _commit(self) -> None:
+        """Scatter the staged blocks of the last spill into their host slots (waits for its copies, once)."""
+        if self._pending is None:
+            return
+        done, dst, n = self._pending
+        self._pending = None
+        if done is not None:
+            done.synchronize()
+        for host, staged in zip(self.pool, self._staging, strict=True):
+            host[dst] = staged[:n]
 
-def apply_spills(host: HostPool, spills: list[Spill], requests: dict[str, Any], new_hot_set: Any) -> None:
+    def _fit_staging(self, n: int) -> None:
+        """Staging rows for ``n`` blocks per layer (pinned on CUDA; grown, never shrunk)."""
+        if self._staging and self._staging[0].shape[0] >= n:
+            return
+        rows = max(n, 2 * self._staging[0].shape[0] if self._staging else 16)
+        self._staging = [torch.empty((rows, p.shape[1]), dtype=p.dtype, pin_memory=self.cuda) for p in self.pool]
+
+
+def apply_spills(host: HostPool, spills: list[Spill], requests: dict[str, Any],
+                 keep: Callable[[Any, int, int], None]) -> None:
     """Copy this step's spilled blocks to their host slots and tell each request (``RequestState.spilled``) which
-    of its logical blocks now live where; ``new_hot_set()`` makes a request's first hot set."""
+    of its logical blocks now live where; ``keep(request, device block, logical block)``: a kept device block joins
+    the request's hot set."""
     if not spills:
         return
     t0 = time.perf_counter()
@@ -60,7 +109,7 @@ def apply_spills(host: HostPool, spills: list[Spill], requests: dict[str, Any], 
     for spill in spills:
         req = requests.get(spill.req_id)
         if req is not None:
-            req.spilled(spill.logical, spill.slot, spill.block if spill.kept else None, new_hot_set)
+            req.spilled(spill.logical, spill.slot)
+            if spill.kept:
+                keep(req, spill.block, spill.logical)
     metrics.observe_transfer(time.perf_counter() - t0)
-
-

@@ -2,8 +2,8 @@
 
 Per step (planner): each row's host-slot table (:func:`host_slot_table`), and whether the paged path can run
 (:func:`hot_sets_hold`: the stock kernel reads only device blocks). Per layer (attention impl): the selected host
-blocks go through each request's hot set (:func:`make_resident`, policy in ``hotset.py``), and what is still on
-the host is read token-wise (:func:`read_host_tokens`).
+blocks go through the rows' hot sets, all rows at once (:func:`make_resident`, policy in ``hotset.py``), and what
+is still on the host is read token-wise (:func:`read_host_tokens`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sentencekv_vllm.core.blocks import BlockPlan
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.kv_layout import BlockLayout
 from sentencekv_vllm.integration.tier.host_pool import HostPool
+from sentencekv_vllm.integration.tier.hotset import HotSets
 
 
 def host_slot_table(reqs: list[Any], max_blocks: int) -> torch.Tensor | None:
@@ -29,58 +30,62 @@ def host_slot_table(reqs: list[Any], max_blocks: int) -> torch.Tensor | None:
     return host_slots
 
 
-def hot_sets_hold(plan: BlockPlan, reqs: list[Any], sinks: int, block_size: int) -> bool:
+def hot_sets_hold(plan: BlockPlan, reqs: list[Any], hot: HotSets | None, sinks: int, block_size: int) -> bool:
     """With the host tier, every selected block must be on the device for the stock kernel: each request's hot
     set must hold all of its selected blocks but the sink blocks and the last one (never spilled)."""
     sink_blocks = -(-sinks // block_size)
     for req, k in zip(reqs, plan.num_blocks.tolist(), strict=True):
-        if req.host_map and (req.hot is None or len(req.hot) < k - sink_blocks - 1):
+        if req.host_map and (hot is None or hot.size(req.slot) < k - sink_blocks - 1):
             return False
     return True
 
 
-def make_resident(host: HostPool, layer_idx: int, step: int, reqs: list[Any], block_table: torch.Tensor,
-                  host_slots: torch.Tensor, logical: torch.Tensor, valid: torch.Tensor
+def make_resident(host: HostPool, hot: HotSets | None, layer_idx: int, step: int, slots: torch.Tensor,
+                  block_table: torch.Tensor, host_slots: torch.Tensor, logical: torch.Tensor, valid: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per request, the selected host-tier blocks (``logical`` ``[R, N]`` where ``valid``), most-selected first,
-    go through the request's hot set; returns (block table, host-slot table) with resident blocks remapped."""
+    """The selected host-tier blocks of every row (``logical`` ``[R, N]`` where ``valid``; ``slots``: the rows'
+    request slots) go through the rows' hot sets at once, most-selected first; returns (block table, host-slot
+    table) with resident blocks remapped to their hot device blocks."""
+    if hot is None:
+        return block_table, host_slots
     logical = logical.masked_fill(~valid, 0)
     on_host = valid & (host_slots.gather(1, logical) >= 0)
-    new_table, new_slots = block_table.long().clone(), host_slots.clone()
-    hits = misses = loaded = 0
-    for j, req in enumerate(reqs):
-        if req.hot is None or not len(req.hot):
-            continue
-        blocks, counts = torch.unique(logical[j][on_host[j]], return_counts=True)
-        needed = blocks[counts.argsort(descending=True, stable=True)]
+    m = host_slots.shape[1]
 
-        def load(dst: torch.Tensor, src: torch.Tensor, j: int = j) -> None:
-            host.load(layer_idx, dst, host_slots[j, src])
+    def load(dst: torch.Tensor, row: torch.Tensor, blocks: torch.Tensor) -> None:
+        host.load(layer_idx, dst, host_slots[row, blocks])
 
-        held, ids, n_hit, n_loaded = req.hot.resolve(layer_idx, needed, step, load)
-        new_table[j, held], new_slots[j, held] = ids, -1
-        hits, misses, loaded = hits + n_hit, misses + needed.numel() - n_hit, loaded + n_loaded
+    held, ids, hits, misses, loaded = hot.resolve(layer_idx, slots, logical, on_host, m, step, load)
+    if held.shape[1] == 0:
+        return block_table, host_slots
+    col = torch.where(held >= 0, held, m)                               # no entry: a scratch column, dropped
+    new_table = _pad_column(block_table.long()).scatter_(1, col, ids)[:, :m]
+    new_slots = _pad_column(host_slots).scatter_(1, col, -1)[:, :m]
     if hits or misses:
         bytes_per_block = host.pool[layer_idx].shape[1] * host.pool[layer_idx].element_size()
         metrics.observe_hot_set(hits, misses, loaded, loaded * bytes_per_block)
     return new_table, new_slots
 
 
+def _pad_column(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)
+
+
 def read_host_tokens(host: HostPool, layout: BlockLayout, layer_idx: int, host_table: torch.Tensor,
                      pos: torch.Tensor, ok: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected tokens whose blocks are on the host and not in the hot set are read token-wise from the host
-    (``k`` / ``v`` ``[R, Hk, W, D]`` gathered from the device, replaced where the block is on the host)."""
+    (``k`` / ``v`` ``[R, Hk, W, D]`` gathered from the device, replaced where the block is on the host). Only
+    those tokens' positions go to the host and only their K/V come back."""
     r, hk, w = pos.shape
     slots = host_table.gather(1, (pos // layout.block_size).reshape(r, -1)).view(r, hk, w)
     on_host = (slots >= 0) & ok
-    if not bool(on_host.any()):
-        metrics.observe_swap_in(0, int(ok.sum()), layer_idx)
-        return k, v
-    host_pos, host_slots = pos.cpu(), slots.clamp(min=0).cpu()
-    hk_, hv_ = layout.gather_blocks(host.pool[layer_idx], host_slots, host_pos)
-    sel = on_host[..., None]
-    k = torch.where(sel, hk_.to(k.device, non_blocking=True), k)
-    v = torch.where(sel, hv_.to(v.device, non_blocking=True), v)
-    metrics.observe_swap_in(int(on_host.sum()), int(ok.sum()), layer_idx, 2 * k.shape[-1] * k.element_size())
+    where = on_host.nonzero(as_tuple=True)          # the one host sync of the read (the copy needs the count)
+    n = where[0].numel()
+    if n:
+        host_k, host_v = layout.gather_tokens(host.layer(layer_idx), slots[where].cpu(), pos[where].cpu(),
+                                              where[1].cpu())
+        k = k.index_put(where, host_k.to(k.device, non_blocking=True))
+        v = v.index_put(where, host_v.to(v.device, non_blocking=True))
+    metrics.observe_swap_in(n, int(ok.sum()), layer_idx, 2 * k.shape[-1] * k.element_size())
     return k, v

@@ -18,6 +18,9 @@ Policy, per layer (selection differs per layer) and request, with ``H`` hot bloc
 
 Consecutive steps rank mostly the same blocks on top, so after the first steps few blocks move.
 Initially each hot block holds its own logical block (the prompt blocks nearest the end, kept at spill time).
+
+Every request's hot set lives in one pooled tensor per field, a row per request slot, so a layer resolves all of
+a step's rows at once (a handful of tensor ops and one host sync, whatever the batch), not a loop over requests.
 """
 
 from __future__ import annotations
@@ -26,45 +29,112 @@ from typing import Callable
 
 import torch
 
-LoadFn = Callable[[torch.Tensor, torch.Tensor], None]     # (device block ids, logical blocks) -> copy from host
+# (device block ids, row of each, logical blocks) -> copy those logical blocks from the host into those blocks
+LoadFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+_NEVER = torch.iinfo(torch.long).max
 
 
-class HotSet:
-    def __init__(self, num_layers: int, device: torch.device) -> None:
-        self.block_ids = torch.empty(0, dtype=torch.long, device=device)
-        self.holds = torch.empty(num_layers, 0, dtype=torch.long, device=device)   # logical block held, -1 none
-        self.last = torch.empty(num_layers, 0, dtype=torch.long, device=device)    # step of last use
+class HotSets:
+    """Hot sets of every request, one row per request slot: ``block_ids`` ``[rows, H]`` (-1: no entry),
+    ``holds`` / ``last`` ``[L, rows, H]`` (logical block held per layer; step of last use)."""
 
-    def __len__(self) -> int:
-        return self.block_ids.numel()
+    def __init__(self, num_layers: int, rows: int, device: torch.device) -> None:
+        self.block_ids = torch.full((rows, 0), -1, dtype=torch.long, device=device)
+        self.holds = torch.full((num_layers, rows, 0), -1, dtype=torch.long, device=device)
+        self.last = torch.full((num_layers, rows, 0), -1, dtype=torch.long, device=device)
+        self.count = [0] * rows
 
-    def add(self, block_id: int, logical: int) -> None:
-        """A kept device block joins the hot set, holding its own logical block in every layer."""
-        dev = self.block_ids.device
-        self.block_ids = torch.cat([self.block_ids, torch.tensor([block_id], device=dev)])
-        col = torch.full((self.holds.shape[0], 1), logical, dtype=torch.long, device=dev)
-        self.holds = torch.cat([self.holds, col], 1)
-        self.last = torch.cat([self.last, torch.full_like(col, -1)], 1)
+    def size(self, row: int) -> int:
+        return self.count[row] if row < len(self.count) else 0
 
-    def resolve(self, layer: int, needed: torch.Tensor, step: int, load: LoadFn) -> tuple[torch.Tensor,
-                                                                                        torch.Tensor, int, int]:
-        """Make the step's host blocks resident where room allows.
+    def add(self, row: int, block_id: int, logical: int) -> None:
+        """A kept device block joins row ``row``'s hot set, holding its own logical block in every layer."""
+        self._fit(row + 1, self.size(row) + 1)
+        n = self.count[row]
+        self.block_ids[row, n] = block_id
+        self.holds[:, row, n] = logical
+        self.last[:, row, n] = -1
+        self.count[row] = n + 1
 
-        ``needed``: distinct host-tier logical blocks this layer selected, most-selected first. Returns the logical
-        blocks resident after the swap-in with their device block ids, the hits (needed blocks resident before the
-        swap-in) and the number of blocks loaded.
+    def clear(self, row: int) -> None:
+        """The request in slot ``row`` is gone: its hot blocks went back to vLLM with its other blocks."""
+        if row < len(self.count):
+            self.block_ids[row] = -1
+            self.holds[:, row] = -1
+            self.count[row] = 0
+
+    def _fit(self, rows: int, width: int) -> None:
+        """Grow (between steps: spills are applied before the forward) to at least ``rows`` x ``width``."""
+        old_rows, old_width = self.block_ids.shape
+        if rows <= old_rows and width <= old_width:
+            return
+        rows, width = max(rows, old_rows), max(width, old_width + 4)
+        pad = (0, width - old_width, 0, rows - old_rows)
+        self.block_ids = torch.nn.functional.pad(self.block_ids, pad, value=-1)
+        self.holds = torch.nn.functional.pad(self.holds, pad, value=-1)
+        self.last = torch.nn.functional.pad(self.last, pad, value=-1)
+        self.count += [0] * (rows - old_rows)
+
+    def resolve(self, layer: int, rows: torch.Tensor, logical: torch.Tensor, on_host: torch.Tensor,
+                num_blocks: int, step: int, load: LoadFn) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+        """Make the step's host blocks resident where room allows, for every row at once.
+
+        ``logical`` ``[R, N]`` the logical blocks each row selected (``on_host``: those living on the host, each
+        counted once per selected token), ``rows`` the rows' request slots. Returns ``(held, ids)`` ``[R, H]``:
+        the logical block each hot entry holds after the swap-in (-1: none) and its device block, then the hits
+        (distinct selected host blocks resident before the swap-in), misses and blocks loaded.
         """
-        holds, last = self.holds[layer], self.last[layer]
-        hit = torch.isin(needed, holds)
-        last[torch.isin(holds, needed)] = step
-        top = needed[:len(self)]
-        misses = top[~torch.isin(top, holds)]
-        loaded = misses.numel()
-        if loaded:
-            free = torch.nonzero(~torch.isin(holds, top)).flatten()
-            victims = free[last[free].argsort(stable=True)][:loaded]     # unused this step first, then LRU
-            load(self.block_ids[victims], misses)
-            holds[victims] = misses
-            last[victims] = step
-        resident = holds >= 0
-        return holds[resident], self.block_ids[resident], int(hit.sum()), loaded
+        r = rows.numel()
+        width = self.block_ids.shape[1]
+        if width == 0 or r == 0:
+            empty = torch.full((r, 0), -1, dtype=torch.long, device=logical.device)
+            return empty, empty, 0, 0, 0
+        ids = self.block_ids.index_select(0, rows)
+        holds = self.holds[layer].index_select(0, rows)
+        last = self.last[layer].index_select(0, rows)
+        entry = ids >= 0
+        count = _scatter_count(logical, on_host, num_blocks)                         # [R, M] tokens per block
+        needed = count > 0
+        held = _mark(holds, entry, num_blocks)                                       # [R, M] resident before
+        has_hot = entry.any(1, keepdim=True)          # rows without a hot set read everything from the host
+        hits, n_needed = int((needed & held).sum()), int((needed & has_hot).sum())
+        last = torch.where(entry & needed.gather(1, holds.clamp(min=0)), step, last)
+        top, in_top = _top_blocks(count, entry.sum(1), min(width, num_blocks))     # [R, K] most selected
+        miss = in_top & ~held.gather(1, top)
+        holds_top = entry & _mark(top, in_top, num_blocks).gather(1, holds.clamp(min=0))
+        victims = torch.where(entry & ~holds_top, last, _NEVER).argsort(dim=1, stable=True)   # unused, then LRU
+        miss_row, miss_pos = miss.nonzero(as_tuple=True)
+        if miss_row.numel():
+            rank = (miss.cumsum(1) - 1)[miss_row, miss_pos]
+            victim = victims[miss_row, rank]
+            blocks = top[miss_row, miss_pos]
+            load(ids[miss_row, victim], miss_row, blocks)
+            holds[miss_row, victim] = blocks
+            last[miss_row, victim] = step
+        self.holds[layer].index_copy_(0, rows, holds)
+        self.last[layer].index_copy_(0, rows, last)
+        return holds.masked_fill(~entry, -1), ids, hits, n_needed - hits, int(miss_row.numel())
+
+
+def _scatter_count(logical: torch.Tensor, mask: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``[R, num_blocks]`` how many of each row's ``logical`` entries (where ``mask``) name each block."""
+    out = torch.zeros(logical.shape[0], num_blocks + 1, dtype=torch.long, device=logical.device)
+    out.scatter_add_(1, torch.where(mask, logical, num_blocks), torch.ones_like(logical))
+    return out[:, :num_blocks]
+
+
+def _mark(blocks: torch.Tensor, mask: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """``[R, num_blocks]`` bool: the block appears in the row's ``blocks`` (where ``mask``)."""
+    out = torch.zeros(blocks.shape[0], num_blocks + 1, dtype=torch.bool, device=blocks.device)
+    out.scatter_(1, torch.where(mask & (blocks >= 0), blocks, num_blocks), True)
+    return out[:, :num_blocks]
+
+
+def _top_blocks(count: torch.Tensor, sizes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` most selected blocks (ties: lower block first) and which of them count: selected at all,
+    and among the row's first ``sizes`` (its hot-set size)."""
+    m = count.shape[1]
+    key = torch.where(count > 0, count * (m + 1) + (m - torch.arange(m, device=count.device)), -1)
+    value, top = key.topk(k, dim=1)
+    in_top = (value >= 0) & (torch.arange(k, device=count.device) < sizes[:, None])
+    return top, in_top

@@ -1,0 +1,118 @@
+"""#15.6: the host tier's worker side on plain tensors (CPU; the CUDA stream path shares every step but the
+stream): deferred spills, token reads that move only the host-resident tokens, hot-set remapping of all rows."""
+
+from __future__ import annotations
+
+import torch
+
+from sentencekv_vllm.integration.kv_layout import BlockLayout
+from sentencekv_vllm.integration.tier.host_pool import HostPool, apply_spills
+from sentencekv_vllm.integration.tier.host_reads import make_resident, read_host_tokens
+from sentencekv_vllm.integration.tier.hotset import HotSets
+from sentencekv_vllm.integration.tier.messages import Spill
+from tests.core.test_kv_layout import BS, HK, D, write_cpu_like
+
+LAYERS, BLOCKS = 2, 8
+
+
+def caches() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {f"model.layers.{i}.self_attn.attn": torch.randn(BLOCKS, HK, BS, 2 * D, generator=gen)
+            for i in range(LAYERS)}
+
+
+def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the_read():
+    kv = caches()
+    truth = {name: c.clone() for name, c in kv.items()}
+    host = HostPool(kv, capacity=4)
+    host.spill([Spill("a", 0, 5, 2, False), Spill("a", 1, 6, 0, False)])
+    for c in kv.values():
+        c[5:7] = -1.0                                    # the scheduler gave blocks 5 and 6 to someone else
+    for i, name in enumerate(sorted(kv)):
+        pool = host.layer(i)
+        torch.testing.assert_close(pool[2], truth[name][5].reshape(-1), rtol=0, atol=0)
+        torch.testing.assert_close(pool[0], truth[name][6].reshape(-1), rtol=0, atol=0)
+    host.load(1, torch.tensor([3]), torch.tensor([2]))   # a hot-set swap-in back to the device
+    torch.testing.assert_close(kv[sorted(kv)[1]][3], truth[sorted(kv)[1]][5], rtol=0, atol=0)
+    assert host.bytes_out == 2 * LAYERS * HK * BS * 2 * D * 4
+
+
+def test_two_spills_before_a_read_both_land():
+    kv = caches()
+    truth = {name: c.clone() for name, c in kv.items()}
+    host = HostPool(kv, capacity=4)
+    host.spill([Spill("a", 0, 1, 3, False)])
+    host.spill([Spill("b", 0, 2, 1, False)])
+    first = sorted(kv)[0]
+    torch.testing.assert_close(host.layer(0)[3], truth[first][1].reshape(-1), rtol=0, atol=0)
+    torch.testing.assert_close(host.layer(0)[1], truth[first][2].reshape(-1), rtol=0, atol=0)
+
+
+class Req:
+    def __init__(self, slot: int) -> None:
+        self.slot, self.host_map = slot, {}
+
+    def spilled(self, logical: int, slot: int) -> None:
+        self.host_map[logical] = slot
+
+
+def test_apply_spills_maps_blocks_and_keeps_hot_entries_per_request_slot():
+    host = HostPool(caches(), capacity=4)
+    reqs = {"a": Req(1)}
+    hot = HotSets(LAYERS, 2, torch.device("cpu"))
+    apply_spills(host, [Spill("a", 0, 5, 2, True), Spill("a", 1, 6, 3, False), Spill("gone", 0, 7, 0, True)],
+                 reqs, lambda req, block, logical: hot.add(req.slot, block, logical))
+    assert reqs["a"].host_map == {0: 2, 1: 3}
+    assert hot.size(1) == 1 and hot.size(0) == 0
+    assert hot.block_ids[1, 0].item() == 5 and hot.holds[:, 1, 0].tolist() == [0] * LAYERS
+
+
+def _filled(t: int) -> tuple[torch.Tensor, BlockLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
+    cache = torch.zeros(BLOCKS, HK, BS, 2 * D)
+    layout = BlockLayout.probe(write_cpu_like, cache, BS, HK, D)
+    gen = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(t, HK, D, generator=gen), torch.randn(t, HK, D, generator=gen)
+    table = torch.tensor([[4, 1, 6, 2]])
+    write_cpu_like(keys, values, cache, table[0, torch.arange(t) // BS] * BS + torch.arange(t) % BS)
+    return cache, layout, table, keys, values
+
+
+def test_host_tokens_are_read_from_the_host_and_only_they_move():
+    t = 4 * BS
+    cache, layout, table, keys, values = _filled(t)
+    host = HostPool({"model.layers.0.attn": cache}, capacity=3)
+    host.spill([Spill("a", 1, 1, 2, False), Spill("a", 2, 6, 0, False)])   # logical blocks 1 and 2 to the host
+    cache[1] = 0.0                                                            # their device blocks are reused
+    cache[6] = 0.0
+    host_table = torch.tensor([[-1, 2, 0, -1]])
+    gen = torch.Generator().manual_seed(3)
+    pos = torch.randint(0, t, (1, HK, 40), generator=gen)
+    ok = torch.rand(1, HK, 40, generator=gen) < 0.9
+    moved = []
+    gather_tokens = layout.gather_tokens
+
+    def spy(flat, blocks, positions, heads):
+        moved.append(positions.numel())
+        return gather_tokens(flat, blocks, positions, heads)
+
+    k, v = layout.gather(cache, table, pos)
+    layout.gather_tokens = spy
+    k, v = read_host_tokens(host, layout, 0, host_table, pos, ok, k, v)
+    heads = torch.arange(HK).view(1, HK, 1)
+    torch.testing.assert_close(k[ok], keys[pos, heads][ok], rtol=0, atol=0)
+    torch.testing.assert_close(v[ok], values[pos, heads][ok], rtol=0, atol=0)
+    on_host = ok & (pos // BS >= 1) & (pos // BS <= 2)
+    assert moved == [int(on_host.sum())]
+
+
+def test_make_resident_remaps_every_rows_resident_blocks():
+    host = HostPool(caches(), capacity=4)
+    hot = HotSets(LAYERS, 3, torch.device("cpu"))
+    hot.add(2, 7, 1)                          # slot 2's hot block 7 holds its logical block 1
+    table = torch.tensor([[0, 3, 4], [5, 1, 2]])
+    host_slots = torch.tensor([[-1, 0, -1], [-1, 1, 2]])
+    logical = torch.tensor([[0, 0, 1], [1, 1, 2]])
+    new_table, new_slots = make_resident(host, hot, 0, 1, torch.tensor([0, 2]), table, host_slots, logical,
+                                         torch.ones_like(logical, dtype=torch.bool))
+    assert new_table.tolist() == [[0, 3, 4], [5, 7, 2]]        # slot 0 has no hot set: unchanged
+    assert new_slots.tolist() == [[-1, 0, -1], [-1, -1, 2]]    # logical 2 stays on the host (hot set full)
