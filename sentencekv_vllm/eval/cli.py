@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_point_arguments(perf, "results/perf", "1x2000,1x4000,1x7500,8x7500")
     perf.add_argument("--max-tokens", type=int, default=64)
     perf.add_argument("--repeats", type=int, default=1)
+    perf.add_argument("--rounds", type=int, default=1, help="variants take turns this many times (fresh servers)")
     perf.add_argument("--server-args", default="", help="extra `vllm serve` arguments for every server")
     perf.add_argument("--vllm-bench", action="store_true",
                       help="also run vLLM's own `vllm bench serve` at every point (random prompts of the point's "

@@ -5,7 +5,10 @@ pure-decode window runs from the moment the last of them got its first token to 
 its last token (no prefill in the window). Step time = window / decode steps in it. TTFT is the median over the
 point's requests; "TTFT repeated prompt" sends the point's first prompt once more (a prefix-cache hit where the
 server caches prefixes; SentenceKV recomputes the observation window).
-Servers run one after another with identical arguments (block size, dtype, pool) except the backend.
+Servers run one after another with identical arguments (block size, dtype, pool) except the backend. With
+``--rounds N`` the variants take turns N times (stock, sentencekv, stock, sentencekv, ...: a fresh server each
+turn), so a machine whose speed drifts during the run moves both sides alike; the table gives the median step per
+variant and the range of the per-round ratios to stock.
 
     sentencekv-eval perf --out docs/eval/perf                     # 1x2k, 1x4k, 1x7.5k, 8x7.5k; tau = 1024
     sentencekv-eval perf --points 1x7500,8x7500 --variants stock,sentencekv,exact,host
@@ -115,32 +118,53 @@ def prompts_for(tokenizer: Any, batch: int, length: int, salt: int) -> list[str]
 
 def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants: list[str], budget: int,
             block_size: int, max_tokens: int, repeats: int, extra: list[str],
-            bench: bool = False) -> dict[str, Any]:
-    """Every variant's server in turn; each point ``repeats`` times (median kept, all recorded)."""
-    results: dict[str, Any] = {}
+            bench: bool = False, rounds: int = 1) -> dict[str, Any]:
+    """Every variant's server in turn, ``rounds`` times over; each point ``repeats`` times per server (the
+    median run over every round is kept; all runs and each round's median are recorded)."""
     max_len = max(n for _, n in points) + max_tokens + 256
     max_len = -(-max_len // block_size) * block_size
+    runs: dict[str, dict[str, list[list[dict]]]] = {v: {f"{b}x{n}": [] for b, n in points} for v in variants}
+    extras: dict[str, dict[str, dict]] = {v: {f"{b}x{n}": {} for b, n in points} for v in variants}
+    for rnd in range(rounds):
+        for variant in variants:
+            args = server_args(variant, budget, block_size, max_len, extra)
+            with vllm_server(model, *args, timeout=600) as srv:
+                client = openai.OpenAI(base_url=srv.v1, api_key="none", timeout=1800, max_retries=0)
+                client.completions.create(model="model", prompt="Hello", max_tokens=4)       # warm-up
+                for batch, length in points:
+                    key = f"{batch}x{length}"
+                    done = [decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens)
+                            for rep in range(repeats)]
+                    runs[variant][key].append(done)
+                    print(f"{variant:>10} {key} round {rnd + 1}/{rounds}: step {_median_run(done)['step_ms']:.1f} ms "
+                          f"ttft {_median_run(done)['ttft_s']:.2f} s", flush=True)
+                    if rnd == 0:
+                        extras[variant][key]["ttft_repeat_s"] = repeat_ttft(client, prompts_for(tokenizer, 1, length,
+                                                                                                0)[0])
+                    if bench and rnd == 0:
+                        extras[variant][key]["vllm_bench"] = vb = vllm_bench(srv.url, model, batch, length, max_tokens)
+                        print(f"{variant:>10} {key}: vllm bench serve {vb['output_throughput']:.2f} tok/s, "
+                              f"median TPOT {vb.get('median_tpot_ms', float('nan')):.1f} ms", flush=True)
+    results: dict[str, Any] = {}
     for variant in variants:
-        args = server_args(variant, budget, block_size, max_len, extra)
-        with vllm_server(model, *args, timeout=600) as srv:
-            client = openai.OpenAI(base_url=srv.v1, api_key="none", timeout=1800, max_retries=0)
-            client.completions.create(model="model", prompt="Hello", max_tokens=4)       # warm-up
-            rows = {}
-            for batch, length in points:
-                runs = [decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens)
-                        for rep in range(repeats)]
-                best = sorted(runs, key=lambda x: x["step_ms"] or 1e9)[len(runs) // 2]
-                again = repeat_ttft(client, prompts_for(tokenizer, 1, length, 0)[0])
-                rows[f"{batch}x{length}"] = {**best, "runs": runs, "ttft_repeat_s": again}
-                print(f"{variant:>10} {batch}x{length}: step {best['step_ms']:.1f} ms  ttft {best['ttft_s']:.2f} s",
-                      flush=True)
-                if bench:
-                    rows[f"{batch}x{length}"]["vllm_bench"] = vb = vllm_bench(srv.url, model, batch, length,
-                                                                              max_tokens)
-                    print(f"{variant:>10} {batch}x{length}: vllm bench serve {vb['output_throughput']:.2f} tok/s, "
-                          f"median TPOT {vb.get('median_tpot_ms', float('nan')):.1f} ms", flush=True)
-        results[variant] = {"server_args": args, "points": rows}
+        rows = {}
+        for key, per_round in runs[variant].items():
+            every = [r for done in per_round for r in done]
+            rows[key] = {**_median_run(every), "runs": every, **extras[variant][key],
+                         "round_step_ms": [_median_run(done)["step_ms"] for done in per_round]}
+        results[variant] = {"server_args": server_args(variant, budget, block_size, max_len, extra), "points": rows}
     return results
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda x: x["step_ms"] or 1e9)[len(runs) // 2]
+
+
+def round_ratios(results: dict[str, Any], variant: str, key: str) -> list[float]:
+    """Step time over stock's, round by round (each round's two servers ran back to back)."""
+    ours = results[variant]["points"][key].get("round_step_ms") or []
+    stock = results["stock"]["points"][key].get("round_step_ms") or []
+    return [a / b for a, b in zip(ours, stock, strict=False) if a and b]
 
 
 def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
@@ -154,7 +178,8 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
         steps = {v: results[v]["points"][key]["step_ms"] for v in variants}
         row = f"| {batch} × {length} | " + " | ".join(f"{steps[v]:.1f}" for v in variants)
         if "stock" in steps:
-            row += " | " + " | ".join(f"{steps[v] / steps['stock']:.2f}x" for v in variants if v != "stock")
+            row += " | " + " | ".join(f"{steps[v] / steps['stock']:.2f}x{_spread(results, v, key)}"
+                                      for v in variants if v != "stock")
             skv = next((v for v in variants if v != "stock"), None)
             ttft = results["stock"]["points"][key]["ttft_s"]
             row += f" | {ttft:.2f} / {results[skv]['points'][key]['ttft_s']:.2f} |" if skv else " | |"
@@ -162,6 +187,12 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             row += f" {warm[0]:.2f} / {warm[1]:.2f} |" if skv and None not in warm else " |"
         lines.append(row)
     return "\n".join(lines) + "\n" + bench_table(results, points)
+
+
+def _spread(results: dict[str, Any], variant: str, key: str) -> str:
+    """`` (0.52–0.58 over 3 rounds)`` when there were several rounds."""
+    ratios = round_ratios(results, variant, key)
+    return f" ({min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} rounds)" if len(ratios) > 1 else ""
 
 
 def bench_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
@@ -212,9 +243,10 @@ def main(args: Any, model: str, tokenizer: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = measure(model, tokenizer, points, variants, args.budget or 1024, args.block_size, args.max_tokens,
-                      args.repeats, args.server_args.split(), bench=args.vllm_bench)
+                      args.repeats, args.server_args.split(), bench=args.vllm_bench, rounds=args.rounds)
     meta = {"command": " ".join(["sentencekv-eval", "perf", *args.argv]), "budget": args.budget or 1024,
-            "block_size": args.block_size, "max_tokens": args.max_tokens, "wall_s": round(time.time() - t0, 1)}
+            "rounds": args.rounds, "block_size": args.block_size, "max_tokens": args.max_tokens,
+            "wall_s": round(time.time() - t0, 1)}
     (out / "perf.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = table(results, points)
     (out / "perf.md").write_text(f"Command: `{meta['command']}`\n\n{md}")
