@@ -182,6 +182,13 @@ def head_split_tables(block_table: torch.Tensor, num_kv_heads: int, trash: int) 
     return (table[:, None, :] * num_kv_heads + heads).to(torch.int32)
 
 
+def with_trash_column(entries: torch.Tensor, trash: int) -> torch.Tensor:
+    """``[R, Hk, M]`` head-split entries of each logical block -> the ``[R, Hk, NB+1]`` int32 tables
+    :func:`physical_tables` reads (column ``trash`` -> 0), as :func:`head_split_tables` builds them."""
+    r, hk, _ = entries.shape
+    return torch.cat([entries[:, :, :trash], entries.new_zeros(r, hk, 1)], dim=2).to(torch.int32)
+
+
 def physical_tables(blocks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """Logical blocks ``[R, Hk, W]`` -> ``[R*Hk, W]`` int32 block tables of the head-split view."""
     r, hk, w = blocks.shape

@@ -17,7 +17,7 @@ import torch
 
 from sentencekv_vllm import policies
 from sentencekv_vllm.core.attention import gathered_attention
-from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, select_blocks
+from sentencekv_vllm.core.blocks import block_scores, physical_tables, select_blocks, with_trash_column
 from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
@@ -188,11 +188,10 @@ class SentenceKVImplMixin:
         tables = paged.tables
         t1 = time.perf_counter()
         if group.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks
-            r = blocks.shape[0]
-            resident, _ = make_resident(STATE.host, STATE.hot, layer_idx, STATE.step, group.slot,
-                                        group.block_table, group.host_slots, blocks.reshape(r, -1),
-                                        (blocks != paged.plan.trash).view(r, -1))
-            tables = head_split_tables(resident, self.num_kv_heads, paged.plan.trash)
+            entries, _ = make_resident(STATE.host, STATE.hot, self._block_layout(layer, kv_cache), layer_idx,
+                                       STATE.step, group.slot, group.block_table, group.host_slots, blocks,
+                                       blocks != paged.plan.trash)
+            tables = with_trash_column(entries, paged.plan.trash)
         paged.metadata.block_table = physical_tables(blocks, tables)
         t2 = time.perf_counter()
         n, hk, bs, width = kv_cache.shape
@@ -219,18 +218,19 @@ class SentenceKVImplMixin:
             pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
         t1 = time.perf_counter()
         layout = self._block_layout(layer, kv_cache)
-        block_table, host_slots = group.block_table, group.host_slots
-        if host_slots is not None:     # single-head policies expand pos over heads: reshape, not view
-            r = pos.shape[0]
-            block_table, host_slots = make_resident(STATE.host, STATE.hot, layer_idx, STATE.step, group.slot,
-                                                    block_table,
-                                                    host_slots, (pos // layout.block_size).reshape(r, -1),
-                                                    ok.reshape(r, -1))
+        host_slots = group.host_slots
+        if host_slots is not None:     # single-head policies expanded pos over heads: make it contiguous
+            pos, ok = pos.contiguous(), ok.contiguous()
+            entries, host_tab = make_resident(STATE.host, STATE.hot, layout, layer_idx, STATE.step, group.slot,
+                                              group.block_table, host_slots, pos // layout.block_size, ok)
         t2 = time.perf_counter()
-        k, v = layout.gather(kv_cache, block_table, pos)
+        if host_slots is None:
+            k, v = layout.gather(kv_cache, group.block_table, pos)
+        else:
+            k, v = layout.gather_entries(kv_cache, entries.gather(2, pos // layout.block_size), pos)
         t3 = time.perf_counter()
         if host_slots is not None:
-            k, v = read_host_tokens(STATE.host, layout, layer_idx, host_slots, pos, ok, k, v)
+            k, v = read_host_tokens(STATE.host, layout, layer_idx, host_tab, pos, ok, k, v)
         t4 = time.perf_counter()
         output[group.tok] = gathered_attention(query[group.tok], k, v, ok, self.scale, details).to(output.dtype)
         t5 = time.perf_counter()

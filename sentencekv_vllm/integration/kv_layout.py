@@ -72,6 +72,23 @@ class BlockLayout:
         blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w)
         return self.gather_blocks(flat, blocks, positions)
 
+    def gather_entries(self, kv_cache: torch.Tensor, entries: torch.Tensor,
+                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[R, Hk, W, D]`` of token ``positions[r, h, w]`` read from head-split entries ``[R, Hk, W]``
+        (``p * Hk + s``: KV head ``s`` of device block ``p``, where a hot set may keep another head's slice)."""
+        hk = positions.shape[1]
+        flat = kv_cache.as_strided((kv_cache.shape[0], block_numel(kv_cache)), (kv_cache.stride(0), 1))
+        return self.gather_tokens(flat, entries // hk, positions, entries % hk)
+
+    def head_offsets(self, device: torch.device) -> torch.Tensor:
+        """``[Hk, block * 2D]`` flat offsets inside a block of one KV head's K and V (a head slice)."""
+        key = str(device)
+        if key not in self._head_offsets:
+            k = self.k_off.transpose(0, 1).reshape(self.k_off.shape[1], -1)
+            v = self.v_off.transpose(0, 1).reshape(self.v_off.shape[1], -1)
+            self._head_offsets[key] = torch.cat([k, v], dim=1).to(device)
+        return self._head_offsets[key]
+
     def gather_query_heads(self, kv_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
                            num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[R, Hq, W, D]`` of token ``positions[r, h, w]`` per *query* head ``h`` (read from KV head
@@ -113,6 +130,7 @@ class BlockLayout:
     def __post_init__(self) -> None:
         self._k_stride = _affine_stride(self.k_off)
         self._v_stride = _affine_stride(self.v_off)
+        self._head_offsets: dict[str, torch.Tensor] = {}
 
 def _affine_stride(table: torch.Tensor) -> int | None:
     """``s`` if ``table[t, h, d] == table[t, h, 0] + d * s`` everywhere, else None."""

@@ -355,7 +355,7 @@ class WorkerState:
         first kept block)."""
         if self.hot is None:
             assert self.store is not None
-            self.hot = HotSets(self.store.dims[0], self.store.qsum.shape[1], self.store.device)
+            self.hot = HotSets(self.store.dims[0], self.store.qsum.shape[1], self.store.device, self.store.dims[1])
         self.hot.add(req.slot, block, logical)
 
     def gauges(self) -> dict[str, int]:

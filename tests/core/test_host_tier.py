@@ -32,8 +32,13 @@ def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the
         pool = host.layer(i)
         torch.testing.assert_close(pool[2], truth[name][5].reshape(-1), rtol=0, atol=0)
         torch.testing.assert_close(pool[0], truth[name][6].reshape(-1), rtol=0, atol=0)
-    host.load(1, torch.tensor([3]), torch.tensor([2]))   # a hot-set swap-in back to the device
-    torch.testing.assert_close(kv[sorted(kv)[1]][3], truth[sorted(kv)[1]][5], rtol=0, atol=0)
+    layout = BlockLayout.probe(write_cpu_like, kv[sorted(kv)[1]], BS, HK, D)
+    # a hot-set swap-in: head 2 of host slot 2 (device block 5) into head-slice 0 of device block 3
+    host.load(1, torch.tensor([3 * HK + 0]), torch.tensor([2]), torch.tensor([2]),
+              layout.head_offsets(torch.device("cpu")))
+    second = sorted(kv)[1]
+    torch.testing.assert_close(kv[second][3, 0], truth[second][5, 2], rtol=0, atol=0)
+    torch.testing.assert_close(kv[second][3, 1:], truth[second][3, 1:], rtol=0, atol=0)   # other heads untouched
     assert host.bytes_out == 2 * LAYERS * HK * BS * 2 * D * 4
 
 
@@ -84,7 +89,7 @@ def test_host_tokens_are_read_from_the_host_and_only_they_move():
     host.spill([Spill("a", 1, 1, 2, False), Spill("a", 2, 6, 0, False)])   # logical blocks 1 and 2 to the host
     cache[1] = 0.0                                                            # their device blocks are reused
     cache[6] = 0.0
-    host_table = torch.tensor([[-1, 2, 0, -1]])
+    host_table = torch.tensor([[-1, 2, 0, -1]])[:, None, :].expand(1, HK, 4)
     gen = torch.Generator().manual_seed(3)
     pos = torch.randint(0, t, (1, HK, 40), generator=gen)
     ok = torch.rand(1, HK, 40, generator=gen) < 0.9
@@ -105,14 +110,27 @@ def test_host_tokens_are_read_from_the_host_and_only_they_move():
     assert moved == [int(on_host.sum())]
 
 
-def test_make_resident_remaps_every_rows_resident_blocks():
-    host = HostPool(caches(), capacity=4)
-    hot = HotSets(LAYERS, 3, torch.device("cpu"))
-    hot.add(2, 7, 1)                          # slot 2's hot block 7 holds its logical block 1
+def test_make_resident_remaps_each_heads_resident_blocks_for_every_row():
+    """Entries are head slices: slot 2's hot block 7 holds logical block 1 in each of its HK slices. Head 0 of
+    row 1 selects blocks 1 and 2 (block 2 most), head 1 block 1 only; heads 2+ select nothing on the host."""
+    kv = caches()
+    host = HostPool(kv, capacity=4)
+    layout = BlockLayout.probe(write_cpu_like, kv[sorted(kv)[0]], BS, HK, D)
+    hot = HotSets(LAYERS, 3, torch.device("cpu"), HK)
+    hot.add(2, 7, 1)
     table = torch.tensor([[0, 3, 4], [5, 1, 2]])
     host_slots = torch.tensor([[-1, 0, -1], [-1, 1, 2]])
-    logical = torch.tensor([[0, 0, 1], [1, 1, 2]])
-    new_table, new_slots = make_resident(host, hot, 0, 1, torch.tensor([0, 2]), table, host_slots, logical,
-                                         torch.ones_like(logical, dtype=torch.bool))
-    assert new_table.tolist() == [[0, 3, 4], [5, 7, 2]]        # slot 0 has no hot set: unchanged
-    assert new_slots.tolist() == [[-1, 0, -1], [-1, -1, 2]]    # logical 2 stays on the host (hot set full)
+    logical = torch.zeros(2, HK, 3, dtype=torch.long)
+    logical[1, 0] = torch.tensor([2, 2, 1])
+    logical[1, 1] = torch.tensor([1, 1, 1])
+    entries, host_tab = make_resident(host, hot, layout, 0, 1, torch.tensor([0, 2]), table, host_slots, logical,
+                                      torch.ones_like(logical, dtype=torch.bool))
+    own = table[:, None, :] * HK + torch.arange(HK).view(1, HK, 1)
+    assert torch.equal(entries[0], own[0]) and torch.equal(host_tab[0], host_slots[0].expand(HK, 3))
+    # row 1: head 0 needs blocks 2 (top) and 1, head 1 block 1: HK entries hold (1, h) for every head at first;
+    # the slice of a head that selected nothing (head 2) is evicted first for (2, 0)
+    assert entries[1, 0, 2].item() == 7 * HK + 2 and host_tab[1, 0, 2].item() == -1
+    assert entries[1, 0, 1].item() == 7 * HK + 0 and entries[1, 1, 1].item() == 7 * HK + 1
+    assert host_tab[1, 0, 1].item() == host_tab[1, 1, 1].item() == -1
+    assert host_tab[1, 2, 1].item() == 1                          # head 2's slice of block 1 went back to the host
+    torch.testing.assert_close(kv[sorted(kv)[0]][7, 2], host.layer(0)[2].view(HK, BS, 2 * D)[0], rtol=0, atol=0)

@@ -38,10 +38,11 @@ HOSTILE = {"budget": 256, "offload": "host", "host_pool_gib": 0.05, "hot_set_fac
 # filled in by the fixtures: a temporary directory, and a spaCy pipeline saved to disk (blank "en" + sentencizer)
 HOSTILE_PATHS = {"trace_dir": "<a temporary directory>", "spacy_model": "<a saved spaCy pipeline>"}
 
-# Two-tier memory (tests/e2e/test_offload.py): the same selection with and without the host tier; non-default
+# Two-tier memory (tests/e2e/test_offload.py): the same selection with and without the host tier, on both decode
+# paths (32-token blocks: the server's budget takes the paged path, a per-request 224 the exact one); non-default
 # SnapKV knobs here, since both servers share them and the identity check covers them.
 OFFLOAD_BASE = {"budget": 512, "semantic_factor": 1.5, "obs_window": 24, "pool_kernel": 5,
-                "keep_unretained": False, "sinks": 16, "recent": 48, "attention": "exact", "dense_below": 1.0}
+                "keep_unretained": False, "sinks": 16, "recent": 48, "dense_below": 1.0}
 OFFLOAD_HOST = {**OFFLOAD_BASE, "offload": "host", "host_pool_gib": 2.0}
 OFFLOAD_FULL_TIER = {**OFFLOAD_BASE, "offload": "host", "host_pool_gib": 0.02}
 SMALL_POOL = {"budget": 512, "offload": "host", "hot_set_factor": 0.25, "dense_below": 1.0}   # host tier: auto size

@@ -17,7 +17,8 @@ from tests.server import metric, vllm_server
 
 pytestmark = pytest.mark.slow
 
-ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", *SKV)
+ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", "--block-size", "32", *SKV)
+EXACT = {"sentencekv_budget": 224}     # < 8 blocks of 32: the exact path; the server's 512 takes the paged one
 
 
 def complete(client, prompt: str, max_tokens: int = 32, **xargs) -> str:
@@ -33,19 +34,23 @@ def identity_prompts(tokenizer):
                                                                      (2000, 800_000))])
 
 
+def both_paths(client, prompt: str) -> tuple[str, str]:
+    return complete(client, prompt), complete(client, prompt, **EXACT)
+
+
 @pytest.fixture(scope="module")
 def resident_outputs(model_path, identity_prompts):
     with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_BASE)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
-        return [complete(client, p) for p in identity_prompts]
+        return [both_paths(client, p) for p in identity_prompts]
 
 
 def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, identity_prompts, resident_outputs):
     with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_HOST)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
-        alone = [complete(client, p) for p in identity_prompts]
+        alone = [both_paths(client, p) for p in identity_prompts]
         with ThreadPoolExecutor(len(identity_prompts)) as pool:
-            together = list(pool.map(lambda p: complete(client, p), identity_prompts))
+            together = list(pool.map(lambda p: both_paths(client, p), identity_prompts))
         text = srv.metrics()
     assert metric(text, "sentencekv_spilled_blocks_total") > 50, "nothing was offloaded"
     assert metric(text, "sentencekv_hot_set_hits_total") > 0, "the hot set never served a block"
@@ -56,11 +61,12 @@ def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, ident
 
 
 def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, identity_prompts, resident_outputs):
-    """A host tier of three fp32 blocks: the first spills take it, every other block stays on the device."""
+    """A host tier of fourteen 32-token fp32 blocks: the first spills take it, every other block stays on the
+    device."""
     with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_FULL_TIER)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
         with ThreadPoolExecutor(len(identity_prompts)) as pool:
-            together = list(pool.map(lambda p: complete(client, p), identity_prompts))
+            together = list(pool.map(lambda p: both_paths(client, p), identity_prompts))
         time.sleep(2)
         text = srv.metrics()
     assert metric(text, "sentencekv_spilled_blocks_total") > 0

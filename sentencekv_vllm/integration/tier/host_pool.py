@@ -72,11 +72,20 @@ class HostPool:
         self._commit()
         return self.pool[layer]
 
-    def load(self, layer: int, block_ids: torch.Tensor, slots: torch.Tensor) -> int:
-        """Copy host slots into device blocks of one layer (a hot-set swap-in); returns the bytes moved."""
+    def load(self, layer: int, entries: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
+             head_offsets: torch.Tensor) -> int:
+        """Hot-set swap-in of one layer: KV head ``heads[i]`` of host slot ``slots[i]`` into head-split entry
+        ``entries[i]`` (``p * Hk + s``) of the device cache; ``head_offsets`` ``[Hk, n]`` where a head's K and V
+        lie inside a block (``BlockLayout.head_offsets``). Returns the bytes moved."""
         dev, host = self.device_flat[layer], self.layer(layer)
-        dev[block_ids.to(dev.device)] = host[slots.cpu()].to(dev.device, non_blocking=True)
-        return len(slots) * host.shape[1] * host.element_size()
+        hk = head_offsets.shape[0]
+        host_offs = head_offsets.cpu()
+        src = slots.cpu()[:, None] * host.shape[1] + host_offs[heads.cpu()]
+        data = host.view(-1)[src].to(dev.device, non_blocking=True)
+        entries = entries.to(dev.device)
+        dst = (entries // hk)[:, None] * dev.shape[1] + head_offsets.to(dev.device)[entries % hk]
+        dev.view(-1)[dst] = data
+        return data.numel() * data.element_size()
 
     def _commit(self) -> None:
         """Scatter the staged blocks of the last spill into their host slots (waits for its copies, once)."""

@@ -32,39 +32,49 @@ def host_slot_table(reqs: list[Any], max_blocks: int) -> torch.Tensor | None:
 
 def hot_sets_hold(plan: BlockPlan, reqs: list[Any], hot: HotSets | None, sinks: int, block_size: int) -> bool:
     """With the host tier, every selected block must be on the device for the stock kernel: each request's hot
-    set must hold all of its selected blocks but the sink blocks and the last one (never spilled)."""
+    set must have an entry for each KV head's selected blocks but the sink blocks and the last one (never
+    spilled)."""
     sink_blocks = -(-sinks // block_size)
     for req, k in zip(reqs, plan.num_blocks.tolist(), strict=True):
-        if req.host_map and (hot is None or hot.size(req.slot) < k - sink_blocks - 1):
+        if req.host_map and (hot is None or hot.size(req.slot) < hot.heads * (k - sink_blocks - 1)):
             return False
     return True
 
 
-def make_resident(host: HostPool, hot: HotSets | None, layer_idx: int, step: int, slots: torch.Tensor,
-                  block_table: torch.Tensor, host_slots: torch.Tensor, logical: torch.Tensor, valid: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The selected host-tier blocks of every row (``logical`` ``[R, N]`` where ``valid``; ``slots``: the rows'
-    request slots) go through the rows' hot sets at once, most-selected first; returns (block table, host-slot
-    table) with resident blocks remapped to their hot device blocks."""
-    if hot is None:
-        return block_table, host_slots
-    logical = logical.masked_fill(~valid, 0)
-    on_host = valid & (host_slots.gather(1, logical) >= 0)
+def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, layer_idx: int, step: int,
+                  slots: torch.Tensor, block_table: torch.Tensor, host_slots: torch.Tensor, logical: torch.Tensor,
+                  valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected host-tier blocks of every row and KV head (``logical`` ``[R, Hk, N]`` where ``valid``;
+    ``slots``: the rows' request slots) go through the rows' hot sets at once, most-selected first.
+
+    Returns, per row, KV head and logical block ``[R, Hk, M]``: the head-split entry to read (``p * Hk + s``: the
+    block table's own block and head, or the hot entry now holding that head of that block) and the host slot
+    still to read from (-1: on the device).
+    """
+    r, hk, n = logical.shape
     m = host_slots.shape[1]
+    heads = torch.arange(hk, device=logical.device).view(1, hk, 1)
+    entries = (block_table.long()[:, None, :] * hk + heads).reshape(r, hk * m)
+    host_tab = host_slots[:, None, :].expand(r, hk, m).reshape(r, hk * m)
+    if hot is None:
+        return entries.view(r, hk, m), host_tab.view(r, hk, m)
+    logical = logical.masked_fill(~valid, 0)
+    on_host = valid & (host_slots.gather(1, logical.view(r, -1)).view(r, hk, n) >= 0)
+    keys = logical * hk + heads
 
-    def load(dst: torch.Tensor, row: torch.Tensor, blocks: torch.Tensor) -> None:
-        host.load(layer_idx, dst, host_slots[row, blocks])
+    def load(dst: torch.Tensor, row: torch.Tensor, key: torch.Tensor) -> None:
+        host.load(layer_idx, dst, host_slots[row, key // hk], key % hk, layout.head_offsets(dst.device))
 
-    held, ids, hits, misses, loaded = hot.resolve(layer_idx, slots, logical, on_host, m, step, load)
-    if held.shape[1] == 0:
-        return block_table, host_slots
-    col = torch.where(held >= 0, held, m)                               # no entry: a scratch column, dropped
-    new_table = _pad_column(block_table.long()).scatter_(1, col, ids)[:, :m]
-    new_slots = _pad_column(host_slots).scatter_(1, col, -1)[:, :m]
+    held, ids, hits, misses, loaded = hot.resolve(layer_idx, slots, keys.view(r, -1), on_host.view(r, -1), m * hk,
+                                                  step, load)
+    if held.shape[1]:
+        col = torch.where(held >= 0, (held % hk) * m + held // hk, hk * m)    # key b*Hk+h -> column h*M+b
+        entries = _pad_column(entries).scatter_(1, col, ids)[:, :hk * m]
+        host_tab = _pad_column(host_tab).scatter_(1, col, -1)[:, :hk * m]
     if hits or misses:
-        bytes_per_block = host.pool[layer_idx].shape[1] * host.pool[layer_idx].element_size()
-        metrics.observe_hot_set(hits, misses, loaded, loaded * bytes_per_block)
-    return new_table, new_slots
+        slice_bytes = host.pool[layer_idx].shape[1] // hk * host.pool[layer_idx].element_size()
+        metrics.observe_hot_set(hits, misses, loaded, loaded * slice_bytes)
+    return entries.view(r, hk, m), host_tab.view(r, hk, m)
 
 
 def _pad_column(t: torch.Tensor) -> torch.Tensor:
@@ -74,11 +84,11 @@ def _pad_column(t: torch.Tensor) -> torch.Tensor:
 def read_host_tokens(host: HostPool, layout: BlockLayout, layer_idx: int, host_table: torch.Tensor,
                      pos: torch.Tensor, ok: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selected tokens whose blocks are on the host and not in the hot set are read token-wise from the host
-    (``k`` / ``v`` ``[R, Hk, W, D]`` gathered from the device, replaced where the block is on the host). Only
-    those tokens' positions go to the host and only their K/V come back."""
-    r, hk, w = pos.shape
-    slots = host_table.gather(1, (pos // layout.block_size).reshape(r, -1)).view(r, hk, w)
+    """Selected tokens whose block (for their KV head) is on the host and not in the hot set are read token-wise
+    from the host (``host_table`` ``[R, Hk, M]``; ``k`` / ``v`` ``[R, Hk, W, D]`` gathered from the device,
+    replaced where the block is on the host). Only those tokens' positions go to the host and only their K/V come
+    back."""
+    slots = host_table.gather(2, pos // layout.block_size)
     on_host = (slots >= 0) & ok
     where = on_host.nonzero(as_tuple=True)          # the one host sync of the read (the copy needs the count)
     n = where[0].numel()

@@ -2,21 +2,27 @@
 
 Why: with ``offload: host`` a request's middle blocks live on the host, and reading every selected token from the
 host at every step costs host->device bandwidth (PCIe on a GPU). Consecutive decode steps select mostly the same
-sentences, so the previous steps' selection is the prefetch hint: the blocks it used stay resident and the next
-step only swaps in what changed. The hot blocks are ordinary blocks of vLLM's pool that the scheduler-side manager
-did not free (``tiers.EngineTier.keep_on_device``), so the scheduler counts them like any other block.
+sentences, so the previous steps' selection is the prefetch hint: what it used stays resident and the next step
+only swaps in what changed. The hot blocks are ordinary blocks of vLLM's pool that the scheduler-side manager did
+not free (``tiers.EngineTier.keep_on_device``), so the scheduler counts them like any other block.
 
-Policy, per layer (selection differs per layer) and request, with ``H`` hot blocks:
+The unit of residency is one KV head's slice of a block (an *entry*), not the whole block: each KV head selects
+its own blocks, so a request's ``Hk`` heads together touch up to ``Hk`` times the blocks one head attends, and a
+hot set counted in whole blocks would have to be ``Hk`` times larger to hold them. A hot device block ``p`` offers
+``Hk`` entries, addressed as ``p * Hk + s`` -- the index of that slice in the head-split view of the cache, where
+the paged path reads every (row, KV head) as a sequence of its own. An entry holds a *key* ``b * Hk + h``: head
+``h`` of logical block ``b``.
 
-* the step's selected host blocks are ranked by how many selected tokens they hold; the top ``H`` should be
+Policy, per layer (selection differs per layer) and request, with ``H`` entries:
+
+* the step's selected host keys are ranked by how many selected tokens they hold; the top ``H`` should be
   resident, since they serve the most tokens from the device;
-* a top-``H`` block already resident is a hit and stays; a top-``H`` miss is copied whole (K and V of every head)
-  into a hot block holding none of the top ``H`` -- first one this step does not use at all, then the least
-  recently used;
-* selected blocks outside the top ``H`` that are not resident are read token-wise from the host for this step
-  (slower, never wrong).
+* a top-``H`` key already resident is a hit and stays; a top-``H`` miss is copied (that head's K and V) into an
+  entry holding none of the top ``H`` -- first one this step does not use at all, then the least recently used;
+* selected keys outside the top ``H`` that are not resident are read token-wise from the host for this step
+  (exact path; slower, never wrong). The paged path runs only when every row's entries can hold its selection.
 
-Consecutive steps rank mostly the same blocks on top, so after the first steps few blocks move.
+Consecutive steps rank mostly the same keys on top, so after the first steps few slices move.
 Initially each hot block holds its own logical block (the prompt blocks nearest the end, kept at spill time).
 
 Every request's hot set lives in one pooled tensor per field, a row per request slot, so a layer resolves all of
@@ -29,32 +35,37 @@ from typing import Callable
 
 import torch
 
-# (device block ids, row of each, logical blocks) -> copy those logical blocks from the host into those blocks
+# (entries ``p * Hk + s``, row of each, keys ``b * Hk + h``) -> copy those heads of those blocks from the host
 LoadFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 _NEVER = torch.iinfo(torch.long).max
 
 
 class HotSets:
-    """Hot sets of every request, one row per request slot: ``block_ids`` ``[rows, H]`` (-1: no entry),
-    ``holds`` / ``last`` ``[L, rows, H]`` (logical block held per layer; step of last use)."""
+    """Hot sets of every request, one row per request slot: ``block_ids`` ``[rows, H]`` entries ``p * Hk + s``
+    (-1: none), ``holds`` / ``last`` ``[L, rows, H]`` (key held per layer, -1 none; step of last use)."""
 
-    def __init__(self, num_layers: int, rows: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, rows: int, device: torch.device, num_kv_heads: int = 1) -> None:
+        self.heads = num_kv_heads
         self.block_ids = torch.full((rows, 0), -1, dtype=torch.long, device=device)
         self.holds = torch.full((num_layers, rows, 0), -1, dtype=torch.long, device=device)
         self.last = torch.full((num_layers, rows, 0), -1, dtype=torch.long, device=device)
         self.count = [0] * rows
 
     def size(self, row: int) -> int:
+        """Entries (head slices) of row ``row``'s hot set."""
         return self.count[row] if row < len(self.count) else 0
 
     def add(self, row: int, block_id: int, logical: int) -> None:
-        """A kept device block joins row ``row``'s hot set, holding its own logical block in every layer."""
-        self._fit(row + 1, self.size(row) + 1)
+        """A kept device block joins row ``row``'s hot set: ``Hk`` entries, each holding its own head of its own
+        logical block in every layer."""
+        hk = self.heads
+        self._fit(row + 1, self.size(row) + hk)
         n = self.count[row]
-        self.block_ids[row, n] = block_id
-        self.holds[:, row, n] = logical
-        self.last[:, row, n] = -1
-        self.count[row] = n + 1
+        heads = torch.arange(hk, device=self.block_ids.device)
+        self.block_ids[row, n:n + hk] = block_id * hk + heads
+        self.holds[:, row, n:n + hk] = logical * hk + heads
+        self.last[:, row, n:n + hk] = -1
+        self.count[row] = n + hk
 
     def clear(self, row: int) -> None:
         """The request in slot ``row`` is gone: its hot blocks went back to vLLM with its other blocks."""
@@ -68,7 +79,7 @@ class HotSets:
         old_rows, old_width = self.block_ids.shape
         if rows <= old_rows and width <= old_width:
             return
-        rows, width = max(rows, old_rows), max(width, old_width + 4)
+        rows, width = max(rows, old_rows), max(width, old_width + 4 * self.heads)
         pad = (0, width - old_width, 0, rows - old_rows)
         self.block_ids = torch.nn.functional.pad(self.block_ids, pad, value=-1)
         self.holds = torch.nn.functional.pad(self.holds, pad, value=-1)
@@ -77,12 +88,13 @@ class HotSets:
 
     def resolve(self, layer: int, rows: torch.Tensor, logical: torch.Tensor, on_host: torch.Tensor,
                 num_blocks: int, step: int, load: LoadFn) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
-        """Make the step's host blocks resident where room allows, for every row at once.
+        """Make the step's host keys resident where room allows, for every row at once.
 
-        ``logical`` ``[R, N]`` the logical blocks each row selected (``on_host``: those living on the host, each
-        counted once per selected token), ``rows`` the rows' request slots. Returns ``(held, ids)`` ``[R, H]``:
-        the logical block each hot entry holds after the swap-in (-1: none) and its device block, then the hits
-        (distinct selected host blocks resident before the swap-in), misses and blocks loaded.
+        ``logical`` ``[R, N]`` the keys (``b * Hk + h``, below ``num_blocks``) each row selected (``on_host``:
+        those living on the host, each counted once per selected token), ``rows`` the rows' request slots. Returns
+        ``(held, ids)`` ``[R, H]``: the key each entry holds after the swap-in (-1: none) and the entry itself
+        (``p * Hk + s``), then the hits (distinct selected host keys resident before the swap-in), misses and
+        entries loaded.
         """
         r = rows.numel()
         width = self.block_ids.shape[1]
