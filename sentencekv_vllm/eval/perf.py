@@ -169,9 +169,10 @@ def round_ratios(results: dict[str, Any], variant: str, key: str) -> list[float]
 
 def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
     variants = list(results)
-    head = "| requests × prompt | " + " | ".join(f"{v} step (ms)" for v in variants)
-    head += " | " + " | ".join(f"{v} / stock" for v in variants if v != "stock") + " | TTFT stock / skv (s) |"
-    head += " TTFT repeated prompt stock / skv (s) |"
+    head = "| requests × prompt | " + " | ".join(f"{v} step (ms)" for v in variants) + " |"
+    if "stock" in variants:
+        head += " " + " | ".join(f"{v} / stock" for v in variants if v != "stock") + " | TTFT stock / skv (s) |"
+        head += " TTFT repeated prompt stock / skv (s) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for batch, length in points:
         key = f"{batch}x{length}"
@@ -185,6 +186,8 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             row += f" | {ttft:.2f} / {results[skv]['points'][key]['ttft_s']:.2f} |" if skv else " | |"
             warm = [results[v]["points"][key].get("ttft_repeat_s") for v in ("stock", skv)]
             row += f" {warm[0]:.2f} / {warm[1]:.2f} |" if skv and None not in warm else " |"
+        else:
+            row += " |"
         lines.append(row)
     return "\n".join(lines) + "\n" + bench_table(results, points)
 
