@@ -70,12 +70,12 @@ SERIES: tuple[Series, ...] = (
     Series("swap_in_bytes", COUNTER, "sentencekv_swap_in_bytes", "Bytes of K/V read from the host tier (hot-set "
            "block loads and token-wise reads)"),
     Series("swap_out_bytes", COUNTER, "sentencekv_swap_out_bytes", "Bytes of K/V copied to the host tier"),
-    Series("swap_in_blocks", COUNTER, "sentencekv_swap_in_blocks", "Blocks copied from the host tier into device "
-           "hot sets (per layer)"),
-    Series("hot_hits", COUNTER, "sentencekv_hot_set_hits", "Selected host-tier blocks found in the device hot set "
-           "(per layer); hit rate = hits / (hits + misses)"),
-    Series("hot_misses", COUNTER, "sentencekv_hot_set_misses", "Selected host-tier blocks not in the device hot "
-           "set (per layer): swapped in, or read token-wise when the hot set is full"),
+    Series("swap_in_blocks", COUNTER, "sentencekv_swap_in_blocks", "KV-head slices of blocks copied from the host "
+           "tier into device hot sets (per layer)"),
+    Series("hot_hits", COUNTER, "sentencekv_hot_set_hits", "Selected host-tier (block, KV head) pairs found in "
+           "the device hot set (per layer); hit rate = hits / (hits + misses)"),
+    Series("hot_misses", COUNTER, "sentencekv_hot_set_misses", "Selected host-tier (block, KV head) pairs not in "
+           "the device hot set (per layer): swapped in, or read token-wise when the hot set is full"),
     Series("transfer_s", COUNTER, "sentencekv_transfer_seconds", "Host tier: copying blocks out after prefill, "
            "hot-set swap-ins and token-wise host reads (all layers)"),
     Series("spilled", COUNTER, "sentencekv_spilled_blocks", "Blocks moved from the device pool to the host tier"),
