@@ -89,6 +89,17 @@ class BlockLayout:
             self._head_offsets[key] = torch.cat([k, v], dim=1).to(device)
         return self._head_offsets[key]
 
+    @property
+    def heads_contiguous(self) -> bool:
+        """Each KV head's K and V fill one contiguous range of a block, head after head (CPU_ATTN's
+        ``[Hk, block, 2D]``): a head slice is then one row of the block viewed as ``[Hk, block * 2D]``."""
+        if self._heads_contiguous is None:
+            offs = self.head_offsets(self.k_off.device).sort(dim=1).values
+            n = offs.shape[1]
+            expected = torch.arange(offs.numel(), device=offs.device).view(-1, n)
+            self._heads_contiguous = bool(torch.equal(offs, expected))
+        return self._heads_contiguous
+
     def gather_query_heads(self, kv_cache: torch.Tensor, block_table: torch.Tensor, positions: torch.Tensor,
                            num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[R, Hq, W, D]`` of token ``positions[r, h, w]`` per *query* head ``h`` (read from KV head
@@ -131,6 +142,7 @@ class BlockLayout:
         self._k_stride = _affine_stride(self.k_off)
         self._v_stride = _affine_stride(self.v_off)
         self._head_offsets: dict[str, torch.Tensor] = {}
+        self._heads_contiguous: bool | None = None
 
 def _affine_stride(table: torch.Tensor) -> int | None:
     """``s`` if ``table[t, h, d] == table[t, h, 0] + d * s`` everywhere, else None."""

@@ -3,6 +3,7 @@ stream): deferred spills, token reads that move only the host-resident tokens, h
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sentencekv_vllm.integration.kv_layout import BlockLayout
@@ -21,7 +22,8 @@ def caches() -> dict[str, torch.Tensor]:
             for i in range(LAYERS)}
 
 
-def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the_read():
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the_read(contiguous):
     kv = caches()
     truth = {name: c.clone() for name, c in kv.items()}
     host = HostPool(kv, capacity=4)
@@ -34,8 +36,9 @@ def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the
         torch.testing.assert_close(pool[0], truth[name][6].reshape(-1), rtol=0, atol=0)
     layout = BlockLayout.probe(write_cpu_like, kv[sorted(kv)[1]], BS, HK, D)
     # a hot-set swap-in: head 2 of host slot 2 (device block 5) into head-slice 0 of device block 3
+    assert layout.heads_contiguous                      # CPU_ATTN-like: [Hk, block, 2D] per block
     host.load(1, torch.tensor([3 * HK + 0]), torch.tensor([2]), torch.tensor([2]),
-              layout.head_offsets(torch.device("cpu")))
+              layout.head_offsets(torch.device("cpu")), contiguous)   # row copies, or element offsets
     second = sorted(kv)[1]
     torch.testing.assert_close(kv[second][3, 0], truth[second][5, 2], rtol=0, atol=0)
     torch.testing.assert_close(kv[second][3, 1:], truth[second][3, 1:], rtol=0, atol=0)   # other heads untouched

@@ -73,12 +73,18 @@ class HostPool:
         return self.pool[layer]
 
     def load(self, layer: int, entries: torch.Tensor, slots: torch.Tensor, heads: torch.Tensor,
-             head_offsets: torch.Tensor) -> int:
+             head_offsets: torch.Tensor, contiguous: bool = False) -> int:
         """Hot-set swap-in of one layer: KV head ``heads[i]`` of host slot ``slots[i]`` into head-split entry
         ``entries[i]`` (``p * Hk + s``) of the device cache; ``head_offsets`` ``[Hk, n]`` where a head's K and V
-        lie inside a block (``BlockLayout.head_offsets``). Returns the bytes moved."""
+        lie inside a block (``BlockLayout.head_offsets``); ``contiguous``: each head is one contiguous range, head
+        after head (``BlockLayout.heads_contiguous``), so slices move as rows. Returns the bytes moved."""
         dev, host = self.device_flat[layer], self.layer(layer)
         hk = head_offsets.shape[0]
+        if contiguous:
+            rows = host.view(host.shape[0] * hk, -1).index_select(0, slots.cpu() * hk + heads.cpu())
+            dev.view(dev.shape[0] * hk, -1).index_copy_(0, entries.to(dev.device), rows.to(dev.device,
+                                                                                          non_blocking=True))
+            return rows.numel() * rows.element_size()
         host_offs = head_offsets.cpu()
         src = slots.cpu()[:, None] * host.shape[1] + host_offs[heads.cpu()]
         data = host.view(-1)[src].to(dev.device, non_blocking=True)

@@ -63,7 +63,8 @@ def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, laye
     keys = logical * hk + heads
 
     def load(dst: torch.Tensor, row: torch.Tensor, key: torch.Tensor) -> None:
-        host.load(layer_idx, dst, host_slots[row, key // hk], key % hk, layout.head_offsets(dst.device))
+        host.load(layer_idx, dst, host_slots[row, key // hk], key % hk, layout.head_offsets(dst.device),
+                  layout.heads_contiguous)
 
     held, ids, hits, misses, loaded = hot.resolve(layer_idx, slots, keys.view(r, -1), on_host.view(r, -1), m * hk,
                                                   step, load)
