@@ -136,7 +136,9 @@ class IndexReservingWorker:
         super().initialize_from_config(kv_cache_config)  # type: ignore[misc]
         from sentencekv_vllm.integration.state import STATE
 
-        STATE.reserve_index(self._pool_tokens(kv_cache_config.num_blocks))
+        cfg = SentenceKVConfig.from_additional_config(self.vllm_config.additional_config)  # type: ignore[attr-defined]
+        max_seqs = self.vllm_config.scheduler_config.max_num_seqs  # type: ignore[attr-defined]
+        STATE.reserve_index(index_capacity(cfg, self._pool_tokens(kv_cache_config.num_blocks), max_seqs))
 
     def _token_bytes(self) -> tuple[int, int]:
         """(KV bytes per token over all layers, bytes per element), from the runner's own KV specs."""

@@ -289,15 +289,12 @@ class WorkerState:
         self.runner, self.vllm_config = runner, vllm_config
         self.cfg = SentenceKVConfig.from_additional_config(vllm_config.additional_config)
 
-    def reserve_index(self, pool_tokens: int) -> None:
-        """The worker allocated the KV cache (``pool_tokens`` tokens, device + host): allocate the index for them
-        now, before vLLM captures CUDA graphs (``memory.IndexReservingWorker`` took its bytes off the KV memory)."""
+    def reserve_index(self, units: int) -> None:
+        """The worker allocated the KV cache: allocate the index for ``units`` units now, before vLLM captures CUDA
+        graphs (``memory.IndexReservingWorker`` took their bytes off the KV memory and sized them)."""
         from sentencekv_vllm.integration.compat import model_device, model_dims
-        from sentencekv_vllm.integration.memory import index_capacity
 
-        max_seqs = self.vllm_config.scheduler_config.max_num_seqs
-        self.ensure_store(*model_dims(self.vllm_config), model_device(self.runner),
-                          capacity=index_capacity(self.cfg, pool_tokens, max_seqs))
+        self.ensure_store(*model_dims(self.vllm_config), model_device(self.runner), capacity=units)
 
     def ensure_store(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int,
                      device: torch.device, capacity: int = _INITIAL_UNITS) -> UnitStore:
