@@ -172,19 +172,22 @@ def rank_keys(scores: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Te
     return ordered * (1 << 32) + tie
 
 
+def head_entries(block_table: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[R, Hk, M]`` int64 ids, in the head-split cache view ``[num_blocks * Hk, 1, block, ...]``, of each
+    logical block of each row and KV head: physical block ``p`` of KV head ``h`` is ``p * Hk + h``."""
+    heads = torch.arange(num_kv_heads, device=block_table.device).view(1, -1, 1)
+    return block_table.long()[:, None, :] * num_kv_heads + heads
+
+
 def head_split_tables(block_table: torch.Tensor, num_kv_heads: int, trash: int) -> torch.Tensor:
-    """``[R, Hk, NB+1]`` int32 ids, in the head-split cache view ``[num_blocks * Hk, 1, block, ...]``, of each
-    logical block of each row and KV head: physical block ``p`` of KV head ``h`` is ``p * Hk + h`` (column
-    ``trash`` -> 0). Built once per step; :func:`physical_tables` then costs one gather per layer."""
-    r = block_table.shape[0]
-    table = torch.cat([block_table[:, :trash].long(), block_table.new_zeros(r, 1).long()], dim=1)
-    heads = torch.arange(num_kv_heads, device=table.device).view(1, -1, 1)
-    return (table[:, None, :] * num_kv_heads + heads).to(torch.int32)
+    """``[R, Hk, NB+1]`` int32 :func:`head_entries` with column ``trash`` -> 0. Built once per step;
+    :func:`physical_tables` then costs one gather per layer."""
+    return with_trash_column(head_entries(block_table, num_kv_heads), trash)
 
 
 def with_trash_column(entries: torch.Tensor, trash: int) -> torch.Tensor:
     """``[R, Hk, M]`` head-split entries of each logical block -> the ``[R, Hk, NB+1]`` int32 tables
-    :func:`physical_tables` reads (column ``trash`` -> 0), as :func:`head_split_tables` builds them."""
+    :func:`physical_tables` reads (column ``trash`` -> 0)."""
     r, hk, _ = entries.shape
     return torch.cat([entries[:, :, :trash], entries.new_zeros(r, hk, 1)], dim=2).to(torch.int32)
 

@@ -187,10 +187,9 @@ class SentenceKVImplMixin:
             blocks = select_blocks(block_scores(scores, paged.plan, valid.transpose(1, 2)), paged.plan)
         tables = paged.tables
         t1 = time.perf_counter()
-        if group.host_slots is not None:     # the planner checked that every hot set can hold its selected blocks
+        if group.host is not None:     # the planner checked that every hot set can hold its selected blocks
             entries, _ = make_resident(STATE.host, STATE.hot, self._block_layout(layer, kv_cache), layer_idx,
-                                       STATE.step, group.slot, group.block_table, group.host_slots, blocks,
-                                       blocks != paged.plan.trash)
+                                       STATE.step, group.slot, group.host, blocks, blocks != paged.plan.trash)
             tables = with_trash_column(entries, paged.plan.trash)
         paged.metadata.block_table = physical_tables(blocks, tables)
         t2 = time.perf_counter()
@@ -218,18 +217,18 @@ class SentenceKVImplMixin:
             pos, ok = pos.expand(-1, self.num_kv_heads, -1), ok.expand(-1, self.num_kv_heads, -1)
         t1 = time.perf_counter()
         layout = self._block_layout(layer, kv_cache)
-        host_slots = group.host_slots
-        if host_slots is not None:     # single-head policies expanded pos over heads: make it contiguous
+        tiered = group.host is not None
+        if tiered:     # single-head policies expanded pos over heads: make it contiguous
             pos, ok = pos.contiguous(), ok.contiguous()
             entries, host_tab = make_resident(STATE.host, STATE.hot, layout, layer_idx, STATE.step, group.slot,
-                                              group.block_table, host_slots, pos // layout.block_size, ok)
+                                              group.host, pos // layout.block_size, ok)
         t2 = time.perf_counter()
-        if host_slots is None:
-            k, v = layout.gather(kv_cache, group.block_table, pos)
-        else:
+        if tiered:
             k, v = layout.gather_entries(kv_cache, entries.gather(2, pos // layout.block_size), pos)
+        else:
+            k, v = layout.gather(kv_cache, group.block_table, pos)
         t3 = time.perf_counter()
-        if host_slots is not None:
+        if tiered:
             k, v = read_host_tokens(STATE.host, layout, layer_idx, host_tab, pos, ok, k, v)
         t4 = time.perf_counter()
         output[group.tok] = gathered_attention(query[group.tok], k, v, ok, self.scale, details).to(output.dtype)

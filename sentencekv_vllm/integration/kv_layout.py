@@ -68,7 +68,7 @@ class BlockLayout:
         block_table ``[R, max_blocks]`` (physical block of each logical block of the row).
         """
         r, hk, w = positions.shape
-        flat = kv_cache.as_strided((kv_cache.shape[0], block_numel(kv_cache)), (kv_cache.stride(0), 1))
+        flat = flat_blocks(kv_cache)
         blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w)
         return self.gather_blocks(flat, blocks, positions)
 
@@ -77,8 +77,7 @@ class BlockLayout:
         """K and V ``[R, Hk, W, D]`` of token ``positions[r, h, w]`` read from head-split entries ``[R, Hk, W]``
         (``p * Hk + s``: KV head ``s`` of device block ``p``, where a hot set may keep another head's slice)."""
         hk = positions.shape[1]
-        flat = kv_cache.as_strided((kv_cache.shape[0], block_numel(kv_cache)), (kv_cache.stride(0), 1))
-        return self.gather_tokens(flat, entries // hk, positions, entries % hk)
+        return self.gather_tokens(flat_blocks(kv_cache), entries // hk, positions, entries % hk)
 
     def head_offsets(self, device: torch.device) -> torch.Tensor:
         """``[Hk, block * 2D]`` flat offsets inside a block of one KV head's K and V (a head slice)."""
@@ -151,6 +150,11 @@ def _affine_stride(table: torch.Tensor) -> int | None:
     s = int(table[0, 0, 1] - table[0, 0, 0])
     expected = table[..., :1] + s * torch.arange(table.shape[-1], device=table.device)
     return s if torch.equal(table, expected) else None
+
+
+def flat_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as ``[num_blocks, block_numel]`` (a view: one row per block, whatever its interior)."""
+    return kv_cache.as_strided((kv_cache.shape[0], block_numel(kv_cache)), (kv_cache.stride(0), 1))
 
 
 def block_numel(kv_cache: torch.Tensor) -> int:

@@ -136,9 +136,8 @@ class IndexReservingWorker:
         super().initialize_from_config(kv_cache_config)  # type: ignore[misc]
         from sentencekv_vllm.integration.state import STATE
 
-        cfg = SentenceKVConfig.from_additional_config(self.vllm_config.additional_config)  # type: ignore[attr-defined]
         max_seqs = self.vllm_config.scheduler_config.max_num_seqs  # type: ignore[attr-defined]
-        STATE.reserve_index(index_capacity(cfg, self._pool_tokens(kv_cache_config.num_blocks), max_seqs))
+        STATE.reserve_index(index_capacity(STATE.cfg, self._pool_tokens(kv_cache_config.num_blocks), max_seqs))
 
     def _token_bytes(self) -> tuple[int, int]:
         """(KV bytes per token over all layers, bytes per element), from the runner's own KV specs."""
@@ -147,16 +146,19 @@ class IndexReservingWorker:
         return per_token, specs[0].dtype.itemsize
 
     def _host_tokens(self, per_token: int) -> int:
-        cfg = SentenceKVConfig.from_additional_config(self.vllm_config.additional_config)  # type: ignore[attr-defined]
-        return host_pool_bytes(cfg, self.vllm_config) // max(1, per_token)  # type: ignore[attr-defined]
+        from sentencekv_vllm.integration.state import STATE
+
+        return host_pool_bytes(STATE.cfg, self.vllm_config) // max(1, per_token)  # type: ignore[attr-defined]
 
     def _index_reservation(self, available: int) -> tuple[int, int]:
+        """(bytes, units). The server's config is ``STATE.cfg``, parsed by ``attach_runner`` in ``init_device``,
+        before vLLM sizes the KV cache."""
         from sentencekv_vllm.integration.compat import model_dims
+        from sentencekv_vllm.integration.state import STATE
 
         vc = self.vllm_config  # type: ignore[attr-defined]
-        cfg = SentenceKVConfig.from_additional_config(vc.additional_config)
         per_token, elem = self._token_bytes()
-        return reservation(cfg, available, model_dims(vc), per_token, elem, self._host_tokens(per_token),
+        return reservation(STATE.cfg, available, model_dims(vc), per_token, elem, self._host_tokens(per_token),
                            vc.scheduler_config.max_num_seqs)
 
     def _pool_tokens(self, num_blocks: int) -> int:

@@ -23,7 +23,7 @@ from sentencekv_vllm.core.selection import PAD_POS, SelectionBatch
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import RowInfo, model_dims, runner_rows
 from sentencekv_vllm.integration.state import STATE, RequestState, new_stream
-from sentencekv_vllm.integration.tier.host_reads import host_slot_table, hot_sets_hold
+from sentencekv_vllm.integration.tier.host_reads import HostTables, host_tables, hot_sets_hold
 from sentencekv_vllm.policies.base import TokenFeatures
 
 
@@ -98,7 +98,7 @@ class SparseGroup:
     unit_valid: torch.Tensor   # [Rs, S]
     block_table: torch.Tensor  # [Rs, max_blocks]
     width: int
-    host_slots: torch.Tensor | None = None   # [Rs, max_blocks] host slot of each logical block, -1 = on device
+    host: HostTables | None = None      # the rows' host-tier tables (two-tier memory, a row with host blocks)
     reqs: list[RequestState] = field(default_factory=list)                     # request of each row
     traced: list[tuple[int, RequestState, int]] = field(default_factory=list)  # (row, request, units) to trace
     trace_acc: tuple[torch.Tensor, ...] | None = None   # [Rs, S] hits, scores, attention mass (trace mode)
@@ -299,7 +299,6 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
     budgets = torch.tensor([req.cfg.budget for req in reqs])
     cfg = STATE.cfg
     tail = _tail_lengths(reqs, totals, budgets)
-    host_slots = host_slot_table(reqs, cm.block_table_tensor.shape[1])
     batch = SelectionBatch.make(starts.to(dev), ends.to(dev), totals.to(dev), budgets.to(dev), cfg.sinks,
                                 tail.to(dev))
     traced = [(j, req, n) for j, (_, req, _, n) in enumerate(rows) if req.trace is not None]
@@ -309,8 +308,8 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
         q_count=(totals - torch.tensor([req.open_start for req in reqs])).clamp(min=1).float().to(dev),
         batch=batch, unit_slots=slots.to(dev), unit_valid=valid.to(dev),
         block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
-        width=int(min(budgets.max(), totals.max())),
-        host_slots=None if host_slots is None else host_slots.to(dev), reqs=reqs, traced=traced)
+        width=int(min(budgets.max(), totals.max())), reqs=reqs, traced=traced)
+    group.host = host_tables(reqs, group.block_table, STATE.store.dims[1])
     if policies.get(policy).token_level:
         group.tokens = GroupTokens(reqs, torch.tensor([req.prompt_len for req in reqs], device=dev))
     if policies.get(policy).stateful:
@@ -318,7 +317,7 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
     if policies.get(policy).paged and _paged(builder, budgets, traced):
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
         block_size = STATE.vllm_config.cache_config.block_size
-        if host_slots is not None and not hot_sets_hold(group.paged.plan, reqs, STATE.hot, cfg.sinks, block_size):
+        if group.host is not None and not hot_sets_hold(group.paged.plan, reqs, STATE.hot, cfg.sinks, block_size):
             group.paged = None
         group.rows = _as_slice([q0 for _, _, q0, _ in rows])
     return group

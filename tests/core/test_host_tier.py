@@ -3,12 +3,14 @@ stream): deferred spills, token reads that move only the host-resident tokens, h
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from sentencekv_vllm.integration.kv_layout import BlockLayout
 from sentencekv_vllm.integration.tier.host_pool import HostPool, apply_spills
-from sentencekv_vllm.integration.tier.host_reads import make_resident, read_host_tokens
+from sentencekv_vllm.integration.tier.host_reads import host_tables, make_resident, read_host_tokens
 from sentencekv_vllm.integration.tier.hotset import HotSets
 from sentencekv_vllm.integration.tier.messages import Spill
 from tests.core.test_kv_layout import BS, HK, D, write_cpu_like
@@ -123,10 +125,13 @@ def test_make_resident_remaps_each_heads_resident_blocks_for_every_row():
     hot.add(2, 7, 1)
     table = torch.tensor([[0, 3, 4], [5, 1, 2]])
     host_slots = torch.tensor([[-1, 0, -1], [-1, 1, 2]])
+    reqs = [SimpleNamespace(host_map={1: 0}), SimpleNamespace(host_map={1: 1, 2: 2})]
+    tables = host_tables(reqs, table, HK)
+    assert torch.equal(tables.slots, host_slots)
     logical = torch.zeros(2, HK, 3, dtype=torch.long)
     logical[1, 0] = torch.tensor([2, 2, 1])
     logical[1, 1] = torch.tensor([1, 1, 1])
-    entries, host_tab = make_resident(host, hot, layout, 0, 1, torch.tensor([0, 2]), table, host_slots, logical,
+    entries, host_tab = make_resident(host, hot, layout, 0, 1, torch.tensor([0, 2]), tables, logical,
                                       torch.ones_like(logical, dtype=torch.bool))
     own = table[:, None, :] * HK + torch.arange(HK).view(1, HK, 1)
     assert torch.equal(entries[0], own[0]) and torch.equal(host_tab[0], host_slots[0].expand(HK, 3))

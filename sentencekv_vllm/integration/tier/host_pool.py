@@ -20,7 +20,7 @@ import torch
 
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
-from sentencekv_vllm.integration.kv_layout import block_numel
+from sentencekv_vllm.integration.kv_layout import flat_blocks
 from sentencekv_vllm.integration.tier.messages import Spill
 
 
@@ -32,10 +32,9 @@ class HostPool:
         self.pool = []
         self.cuda = next(iter(kv_caches.values())).is_cuda
         for name in sorted(kv_caches, key=layer_index):     # pool[i] is layer i
-            cache = kv_caches[name]
-            per_block = block_numel(cache)
-            self.device_flat.append(cache.as_strided((cache.shape[0], per_block), (cache.stride(0), 1)))
-            self.pool.append(torch.empty((capacity, per_block), dtype=cache.dtype, pin_memory=self.cuda))
+            flat = flat_blocks(kv_caches[name])
+            self.device_flat.append(flat)
+            self.pool.append(torch.empty((capacity, flat.shape[1]), dtype=flat.dtype, pin_memory=self.cuda))
         self.bytes_out = 0
         self._stream = torch.cuda.Stream() if self.cuda else None
         self._staging: list[torch.Tensor] = []

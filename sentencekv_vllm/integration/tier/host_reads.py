@@ -1,6 +1,6 @@
 """Worker side of the host tier: how a sparse step reads KV that lives on the host.
 
-Per step (planner): each row's host-slot table (:func:`host_slot_table`), and whether the paged path can run
+Per step (planner): each row's host-tier tables (:func:`host_tables`), and whether the paged path can run
 (:func:`hot_sets_hold`: the stock kernel reads only device blocks). Per layer (attention impl): the selected host
 blocks go through the rows' hot sets, all rows at once (:func:`make_resident`, policy in ``hotset.py``), and what
 is still on the host is read token-wise (:func:`read_host_tokens`).
@@ -8,26 +8,40 @@ is still on the host is read token-wise (:func:`read_host_tokens`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sentencekv_vllm.core.blocks import BlockPlan
+from sentencekv_vllm.core.blocks import BlockPlan, head_entries
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.kv_layout import BlockLayout
 from sentencekv_vllm.integration.tier.host_pool import HostPool
 from sentencekv_vllm.integration.tier.hotset import HotSets
 
 
-def host_slot_table(reqs: list[Any], max_blocks: int) -> torch.Tensor | None:
-    """``[R, max_blocks]`` host slot of each logical block (-1 = on the device), or None without a host tier."""
+@dataclass
+class HostTables:
+    """One step's host-tier view of a sparse group's rows (built once per step, read by every layer)."""
+
+    slots: torch.Tensor      # [R, M] host slot of each logical block, -1 = on the device
+    entries: torch.Tensor    # [R, Hk, M] head-split entry (``p * Hk + h``) of each KV head's logical block
+    per_head: torch.Tensor   # [R, Hk, M] ``slots`` for each KV head
+
+
+def host_tables(reqs: list[Any], block_table: torch.Tensor, num_kv_heads: int) -> HostTables | None:
+    """The rows' host-tier tables (``block_table`` ``[R, M]``, on the model's device), or None when no row has a
+    block on the host."""
     if not any(req.host_map for req in reqs):
         return None
-    host_slots = torch.full((len(reqs), max_blocks), -1, dtype=torch.long)
+    r, m = block_table.shape
+    slots = torch.full((r, m), -1, dtype=torch.long)
     for j, req in enumerate(reqs):
         if req.host_map:
-            host_slots[j, torch.tensor(list(req.host_map.keys()))] = torch.tensor(list(req.host_map.values()))
-    return host_slots
+            slots[j, torch.tensor(list(req.host_map.keys()))] = torch.tensor(list(req.host_map.values()))
+    slots = slots.to(block_table.device)
+    return HostTables(slots, head_entries(block_table, num_kv_heads),
+                      slots[:, None, :].expand(r, num_kv_heads, m).contiguous())
 
 
 def hot_sets_hold(plan: BlockPlan, reqs: list[Any], hot: HotSets | None, sinks: int, block_size: int) -> bool:
@@ -42,7 +56,7 @@ def hot_sets_hold(plan: BlockPlan, reqs: list[Any], hot: HotSets | None, sinks: 
 
 
 def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, layer_idx: int, step: int,
-                  slots: torch.Tensor, block_table: torch.Tensor, host_slots: torch.Tensor, logical: torch.Tensor,
+                  slots: torch.Tensor, tables: HostTables, logical: torch.Tensor,
                   valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The selected host-tier blocks of every row and KV head (``logical`` ``[R, Hk, N]`` where ``valid``;
     ``slots``: the rows' request slots) go through the rows' hot sets at once, most-selected first.
@@ -51,13 +65,13 @@ def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, laye
     block table's own block and head, or the hot entry now holding that head of that block) and the host slot
     still to read from (-1: on the device).
     """
+    if hot is None:
+        return tables.entries, tables.per_head
     r, hk, n = logical.shape
+    host_slots = tables.slots
     m = host_slots.shape[1]
     heads = torch.arange(hk, device=logical.device).view(1, hk, 1)
-    entries = (block_table.long()[:, None, :] * hk + heads).reshape(r, hk * m)
-    host_tab = host_slots[:, None, :].expand(r, hk, m).reshape(r, hk * m)
-    if hot is None:
-        return entries.view(r, hk, m), host_tab.view(r, hk, m)
+    entries, host_tab = tables.entries.view(r, hk * m), tables.per_head.view(r, hk * m)
     logical = logical.masked_fill(~valid, 0)
     on_host = valid & (host_slots.gather(1, logical.view(r, -1)).view(r, hk, n) >= 0)
     keys = logical * hk + heads
