@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "stock": None,                                       # vLLM's own CPU backend
     "sentencekv": {},                                    # defaults (attention: auto -> paged; dense under 2 tau)
     "forced": {"dense_below": 1.0},                      # sparse as soon as the context exceeds tau
+    "dense": {"dense_below": 64.0},                      # SentenceKV's bookkeeping, every row on the stock kernel
     "exact": {"attention": "exact"},                     # token-exact gather + softmax (the reference path)
     "host": {"offload": "host", "host_pool_gib": 4.0},   # two-tier memory
 }

@@ -3,7 +3,8 @@
 Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cpu``, ``num_prompt_tokens``,
 ``num_tokens_no_spec``), its
 ``requests`` dict (sampling params), the no-op hook ``_on_request_state_removed``, ``_update_states`` (to see
-``SchedulerOutput.preempted_req_ids``), the CPU attention custom ops (``cpu_attn_get_scheduler_metadata``), and
+``SchedulerOutput.preempted_req_ids``), the CPU attention custom ops (``cpu_attn_get_scheduler_metadata``,
+``cpu_attention_with_kv_cache`` with the stock impl's arguments), and
 ``KVCacheSpecRegistry._ensure_registered`` (built-in specs first, so ours does not shadow them), and
 ``KVCacheManager.get_computed_blocks`` / ``truncate_computed_blocks`` and ``KVCacheCoordinator.cache_blocks``
 (``limit_prefix_cache``).
@@ -96,6 +97,21 @@ def cpu_scheduler_metadata(builder: Any, num_reqs: int, seq_lens: torch.Tensor, 
         causal=True, sliding_window_size=builder.window_size, isa=builder.isa,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV and heads is None, dynamic_causal=None,
         kv_cache_dtype=builder.kv_cache_dtype)
+
+
+def cpu_attention(impl: Any, layer: Any, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  output: torch.Tensor, metadata: Any) -> None:
+    """CPU_ATTN's decode kernel with the arguments ``CPUAttentionBackendImpl.forward`` passes it (vLLM 0.32),
+    on caches already split into key and value views."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+        query_start_loc=metadata.query_start_loc, seq_lens=metadata.seq_lens, scale=impl.scale,
+        causal=metadata.causal, alibi_slopes=impl.alibi_slopes, sliding_window=impl.sliding_window,
+        block_table=metadata.block_table, softcap=impl.logits_soft_cap,
+        scheduler_metadata=metadata.scheduler_metadata, s_aux=impl.sinks, dynamic_causal=metadata.dynamic_causal,
+        k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype)
 
 
 def layer_index(layer_name: str) -> int:

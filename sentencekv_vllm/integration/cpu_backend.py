@@ -18,7 +18,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from sentencekv_vllm.integration.compat import cpu_scheduler_metadata
+from sentencekv_vllm.integration.compat import cpu_attention, cpu_scheduler_metadata
 from sentencekv_vllm.integration.impl import SentenceKVBackendMixin, SentenceKVBuilderMixin, SentenceKVImplMixin
 from sentencekv_vllm.integration.planner import StepPlan
 
@@ -54,4 +54,16 @@ class SentenceKVCPUBuilder(SentenceKVBuilderMixin, CPUAttentionMetadataBuilder):
 
 
 class SentenceKVCPUImpl(SentenceKVImplMixin, CPUAttentionBackendImpl):
-    pass
+    _head_split: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def head_split_attention(self, layer, query, kv_cache, metadata, output) -> None:
+        """CPU_ATTN's kernel called directly on this layer's head-split key/value views (built once per cache:
+        each layer has its own impl). What the stock ``forward`` would do around the call (views, chunking,
+        slicing) costs about as much as the kernel on a short selection."""
+        key = (kv_cache.data_ptr(), kv_cache.shape)
+        if self._head_split is None or self._head_split[0] != key:
+            n, hk, bs, width = kv_cache.shape
+            kc, vc = kv_cache.view(n * hk, 1, bs * 2, width // 2).chunk(2, dim=2)
+            self._head_split = (key, kc, vc)
+        _, kc, vc = self._head_split
+        cpu_attention(self, layer, query, kc, vc, output, metadata)

@@ -193,16 +193,22 @@ class SentenceKVImplMixin:
             tables = with_trash_column(entries, paged.plan.trash)
         paged.metadata.block_table = physical_tables(blocks, tables)
         t2 = time.perf_counter()
-        n, hk, bs, width = kv_cache.shape
+        hk = kv_cache.shape[1]
         rows = group.rows if group.rows is not None else group.tok
         q = query[rows].reshape(-1, self.num_heads // hk, self.head_size)    # q is a strided view of qkv
         in_place = group.rows is not None and output[rows].is_contiguous()
         out = output[rows].view(q.shape) if in_place else torch.empty_like(q)
-        super().forward(layer, q, None, None, kv_cache.view(n * hk, 1, bs, width), paged.metadata, out)
+        self.head_split_attention(layer, q, kv_cache, paged.metadata, out)
         if not in_place:
             output[group.tok] = out.view(-1, self.num_heads, self.head_size)
         metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t2, transfer=t2 - t1)
         return paged.plan.seq_lens.tolist() if layer_idx == 0 else []
+
+    def head_split_attention(self, layer, query, kv_cache, metadata, output) -> None:
+        """The stock kernel over the head-split view ``[blocks * Hk, 1, block, 2D]`` of the cache: each (row, KV
+        head) one sequence of one KV head, ``metadata`` its block tables. Backends may call their kernel directly."""
+        n, hk, bs, width = kv_cache.shape
+        super().forward(layer, query, None, None, kv_cache.view(n * hk, 1, bs, width), metadata, output)
 
     def _sparse(self, store: UnitStore, layer_idx: int, layer, query, kv_cache, output,
                 group: SparseGroup) -> list[int]:

@@ -159,6 +159,23 @@ def test_ties_break_the_same_way_at_any_width():
     assert torch.equal(one[0], two[0])
 
 
+def test_both_rankings_select_the_same_blocks(monkeypatch):
+    """Small score tensors rank with one stable sort, larger ones with exact keys + topk: a row alone and the same
+    row in a wide batch take different branches, so they must agree on ties, +-0.0, +-inf and FIXED."""
+    from sentencekv_vllm.core import blocks
+
+    gen = torch.Generator().manual_seed(3)
+    spans = [[(40 * j, 40 * j + 40) for j in range(120)]] * 8
+    plan, s = _plan(spans, [4800] * 8, budget=12 * BS)
+    scores = torch.randint(-3, 4, (8, 3, s), generator=gen).float()      # many ties
+    scores[0, 0, :5] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), -0.0])
+    bs = block_scores(scores, plan)
+    assert bs.numel() > blocks.SORT_MAX_NUMEL
+    keyed = select_blocks(bs, plan)
+    monkeypatch.setattr(blocks, "SORT_MAX_NUMEL", bs.numel())
+    assert torch.equal(select_blocks(bs, plan), keyed)
+
+
 def _scatter_max_scores(unit_scores: torch.Tensor, plan, spans: list[list[tuple[int, int]]]) -> torch.Tensor:
     """The direct formula the gather in ``block_scores`` replaces: every unit's score max-ed into each block its
     span touches, on top of the plan's base scores; then sink / tail blocks ``FIXED`` and the padding column
