@@ -85,6 +85,14 @@ class SentenceKVBuilderMixin:
 class SentenceKVImplMixin:
     _layer: int | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if getattr(self, "sinks", None) is not None:
+            # learned per-head attention sinks (s_aux): the sparse paths attend a subset of the context per KV
+            # head and do not add the sink term, so they would change the model's attention silently
+            raise ValueError("SentenceKV does not support models with learned attention sinks (per-head s_aux, "
+                             "e.g. gpt-oss); serve this model without --attention-backend sentencekv")
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "plan", None)
