@@ -214,9 +214,9 @@ class SentenceKVImplMixin:
 
     def head_split_attention(self, layer, query, kv_cache, metadata, output) -> None:
         """The stock kernel over the head-split view ``[blocks * Hk, 1, block, 2D]`` of the cache: each (row, KV
-        head) one sequence of one KV head, ``metadata`` its block tables. Backends may call their kernel directly."""
-        n, hk, bs, width = kv_cache.shape
-        super().forward(layer, query, None, None, kv_cache.view(n * hk, 1, bs, width), metadata, output)
+        head) one sequence of one KV head, ``metadata`` its block tables. Backends whose builder sets
+        ``supports_paged_sparse`` implement it (only those reach the paged path)."""
+        raise NotImplementedError
 
     def _sparse(self, store: UnitStore, layer_idx: int, layer, query, kv_cache, output,
                 group: SparseGroup) -> list[int]:
