@@ -91,3 +91,16 @@ def test_spec_compilation_and_server_args():
     assert "--enforce-eager" in EngineSpec(model="m").server_args("full")
     remote = EngineSpec(model="x", base_url="http://a:8000", full_base_url="http://b:8000", served_model="s")
     assert remote.endpoint("full").url == "http://b:8000" and remote.endpoint("quest").url == "http://a:8000"
+
+
+def test_perf_batch_job_helpers():
+    """The batch-job figures of ``sentencekv-eval perf --pool-requests``: decode time is the union of the requests'
+    decode spans (overlaps counted once), and the pool holds the asked stock requests but never less than one
+    max_model_len request (vLLM's start-up check)."""
+    from sentencekv_vllm.eval.perf import _union, pool_blocks
+
+    assert _union([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
+    assert _union([(0.0, 10.0), (2.0, 3.0)]) == 10.0
+    assert pool_blocks(0, 7756, 8000, 32) == 0
+    assert pool_blocks(2, 7756, 8032, 32) == 2 * 245
+    assert pool_blocks(1, 1000, 8000, 32) == 251

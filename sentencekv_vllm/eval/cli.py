@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--repeats", type=int, default=1)
     perf.add_argument("--rounds", type=int, default=1, help="variants take turns this many times (fresh servers)")
     perf.add_argument("--server-args", default="", help="extra `vllm serve` arguments for every server")
+    perf.add_argument("--pool-requests", type=int, default=0,
+                      help="batch-job mode: every server's device pool holds this many stock requests of the "
+                           "longest point (--num-gpu-blocks-override); reports wall time, output and decode tokens/s")
     perf.add_argument("--vllm-bench", action="store_true",
                       help="also run vLLM's own `vllm bench serve` at every point (random prompts of the point's "
                            "length, all sent at once, --ignore-eos): output throughput and TTFT/TPOT/ITL percentiles")

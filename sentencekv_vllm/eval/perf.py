@@ -13,6 +13,12 @@ variant and the range of the per-round ratios to stock.
     sentencekv-eval perf --out docs/eval/perf                     # 1x2k, 1x4k, 1x7.5k, 8x7.5k; tau = 1024
     sentencekv-eval perf --points 1x7500,8x7500 --variants stock,sentencekv,exact,host
     sentencekv-eval perf --points 8x4000 --max-tokens 96 --vllm-bench    # + vLLM's own load generator
+    sentencekv-eval perf --points 8x7500 --max-tokens 256 --pool-requests 2 --variants stock,host   # batch job
+
+With ``--pool-requests K`` every server gets a device pool that holds K stock requests of the longest point
+(``--num-gpu-blocks-override``): a batch job in a fixed pool, where SentenceKV with the host tier can run more
+requests at once than stock. Its table reports what such a job costs: wall time, output tokens/s, aggregate decode
+tokens/s (decode tokens over the time during which any request was decoding) and the peak of running requests.
 
 With ``--vllm-bench`` every point also runs ``vllm bench serve`` (random dataset, the point's prompt length and
 batch, every request at once) against the same server: its output throughput includes prefill, as a user measures.
@@ -43,9 +49,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def server_args(variant: str, budget: int, block_size: int, max_model_len: int, extra: list[str]) -> list[str]:
+def server_args(variant: str, budget: int, block_size: int, max_model_len: int, extra: list[str],
+                pool_blocks: int = 0) -> list[str]:
     args = ["--dtype", "bfloat16", "--block-size", str(block_size), "--max-model-len", str(max_model_len),
             "--max-num-seqs", "16", "--served-model-name", "model", "--enforce-eager", *extra]
+    if pool_blocks:
+        args += ["--num-gpu-blocks-override", str(pool_blocks)]
     cfg = VARIANTS[variant]
     if cfg is not None:
         args += ["--attention-backend", "sentencekv",
@@ -66,8 +75,10 @@ def stream_tokens(client: openai.OpenAI, prompt: str, max_tokens: int, start: th
     return {"t0": t0, "times": times}
 
 
-def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> dict[str, Any]:
-    """Step time over the pure-decode window of ``len(prompts)`` concurrent requests."""
+def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int, sampler: Any = None) -> dict[str, Any]:
+    """Step time over the pure-decode window of ``len(prompts)`` concurrent requests (None when there is no such
+    window: in a small pool some requests finish before others start), and the whole job's throughput.
+    ``sampler``: a ``serving.Sampler`` polling the server's /metrics (peak running requests)."""
     barrier = threading.Barrier(len(prompts))
     with ThreadPoolExecutor(len(prompts)) as pool:
         runs = list(pool.map(lambda p: stream_tokens(client, p, max_tokens, barrier), prompts))
@@ -76,13 +87,32 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int) -> 
     steps = [sum(1 for t in r["times"] if lo < t <= hi) for r in runs]
     gaps = [b - a for r in runs for a, b in zip(r["times"], r["times"][1:], strict=False) if lo <= a and b <= hi]
     n = statistics.median(steps)
+    start = min(r["t0"] for r in runs)
+    wall = max(r["times"][-1] for r in runs) - start
+    decode_tokens = sum(len(r["times"]) - 1 for r in runs)
     return {
-        "step_ms": 1e3 * (hi - lo) / n if n else None,
+        "step_ms": 1e3 * (hi - lo) / n if n and hi > lo else None,
         "median_gap_ms": 1e3 * statistics.median(gaps) if gaps else None,
         "window_steps": n,
         "ttft_s": statistics.median(r["times"][0] - r["t0"] for r in runs),
-        "wall_s": max(r["times"][-1] for r in runs) - min(r["t0"] for r in runs),
+        "wall_s": wall,
+        "output_tok_s": sum(len(r["times"]) for r in runs) / wall,
+        "decode_tok_s": decode_tokens / _union([(r["times"][0], r["times"][-1]) for r in runs]),
+        "mean_tpot_ms": 1e3 * statistics.mean((r["times"][-1] - r["times"][0]) / max(1, len(r["times"]) - 1)
+                                              for r in runs),
+        "peak_running": sampler.peak_running if sampler is not None else None,
+        "chunk_times_s": [[round(t - start, 4) for t in r["times"]] for r in runs],
     }
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of intervals (the time during which any request was decoding)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def repeat_ttft(client: openai.OpenAI, prompt: str) -> float:
@@ -119,26 +149,35 @@ def prompts_for(tokenizer: Any, batch: int, length: int, salt: int) -> list[str]
 
 def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants: list[str], budget: int,
             block_size: int, max_tokens: int, repeats: int, extra: list[str],
-            bench: bool = False, rounds: int = 1) -> dict[str, Any]:
+            bench: bool = False, rounds: int = 1, pool_requests: int = 0) -> dict[str, Any]:
     """Every variant's server in turn, ``rounds`` times over; each point ``repeats`` times per server (the
     median run over every round is kept; all runs and each round's median are recorded)."""
+    from sentencekv_vllm.eval.engines import Engine
+    from sentencekv_vllm.eval.serving import Sampler
+
     max_len = max(n for _, n in points) + max_tokens + 256
     max_len = -(-max_len // block_size) * block_size
+    pool = pool_blocks(pool_requests, max(n for _, n in points) + max_tokens, max_len, block_size)
     runs: dict[str, dict[str, list[list[dict]]]] = {v: {f"{b}x{n}": [] for b, n in points} for v in variants}
     extras: dict[str, dict[str, dict]] = {v: {f"{b}x{n}": {} for b, n in points} for v in variants}
     for rnd in range(rounds):
         for variant in variants:
-            args = server_args(variant, budget, block_size, max_len, extra)
+            args = server_args(variant, budget, block_size, max_len, extra, pool)
             with vllm_server(model, *args, timeout=600) as srv:
                 client = openai.OpenAI(base_url=srv.v1, api_key="none", timeout=1800, max_retries=0)
                 client.completions.create(model="model", prompt="Hello", max_tokens=4)       # warm-up
                 for batch, length in points:
                     key = f"{batch}x{length}"
-                    done = [decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens)
-                            for rep in range(repeats)]
+                    done = []
+                    for rep in range(repeats):
+                        with Sampler(Engine(srv, variant), period=0.5) as sampler:
+                            done.append(decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens,
+                                                     sampler))
                     runs[variant][key].append(done)
-                    print(f"{variant:>10} {key} round {rnd + 1}/{rounds}: step {_median_run(done)['step_ms']:.1f} ms "
-                          f"ttft {_median_run(done)['ttft_s']:.2f} s", flush=True)
+                    mid = _median_run(done)
+                    print(f"{variant:>10} {key} round {rnd + 1}/{rounds}: step {mid['step_ms'] or float('nan'):.1f} "
+                          f"ms ttft {mid['ttft_s']:.2f} s wall {mid['wall_s']:.1f} s decode "
+                          f"{mid['decode_tok_s']:.1f} tok/s peak running {mid['peak_running']}", flush=True)
                     if rnd == 0:
                         extras[variant][key]["ttft_repeat_s"] = repeat_ttft(client, prompts_for(tokenizer, 1, length,
                                                                                                 0)[0])
@@ -153,12 +192,23 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
             every = [r for done in per_round for r in done]
             rows[key] = {**_median_run(every), "runs": every, **extras[variant][key],
                          "round_step_ms": [_median_run(done)["step_ms"] for done in per_round]}
-        results[variant] = {"server_args": server_args(variant, budget, block_size, max_len, extra), "points": rows}
+        results[variant] = {"server_args": server_args(variant, budget, block_size, max_len, extra, pool),
+                            "points": rows}
     return results
 
 
+def pool_blocks(requests: int, tokens: int, max_len: int, block_size: int) -> int:
+    """Device blocks for ``requests`` stock requests of ``tokens`` tokens (0: vLLM sizes the pool); never below one
+    ``max_len`` request (+ 1 block: vLLM's start-up check compares rounded byte counts)."""
+    if not requests:
+        return 0
+    per_request = -(-(tokens + 64) // block_size)    # + the chat template's tokens
+    return max(requests * per_request, -(-max_len // block_size) + 1)
+
+
 def _median_run(runs: list[dict]) -> dict:
-    return sorted(runs, key=lambda x: x["step_ms"] or 1e9)[len(runs) // 2]
+    """The median run by step time, or by wall time where there is no pure-decode window (batch jobs)."""
+    return sorted(runs, key=lambda x: x["step_ms"] or x["wall_s"])[len(runs) // 2]
 
 
 def round_ratios(results: dict[str, Any], variant: str, key: str) -> list[float]:
@@ -170,6 +220,8 @@ def round_ratios(results: dict[str, Any], variant: str, key: str) -> list[float]
 
 def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
     variants = list(results)
+    if any(results[v]["points"][f"{b}x{n}"]["step_ms"] is None for v in variants for b, n in points):
+        return job_table(results, points)
     head = "| requests × prompt | " + " | ".join(f"{v} step (ms)" for v in variants) + " |"
     if "stock" in variants:
         head += " " + " | ".join(f"{v} / stock" for v in variants if v != "stock") + " | TTFT stock / skv (s) |"
@@ -197,6 +249,23 @@ def _spread(results: dict[str, Any], variant: str, key: str) -> str:
     """`` (0.52–0.58 over 3 rounds)`` when there were several rounds."""
     ratios = round_ratios(results, variant, key)
     return f" ({min(ratios):.2f}–{max(ratios):.2f} over {len(ratios)} rounds)" if len(ratios) > 1 else ""
+
+
+def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
+    """The whole job per point and variant: what a batch job in a fixed pool costs (``--pool-requests``)."""
+    lines = ["| requests × prompt | variant | wall s | wall vs stock | output tok/s | decode tok/s | decode vs stock |"
+             " mean TPOT ms | peak running | median TTFT s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for batch, length in points:
+        key = f"{batch}x{length}"
+        stock = results.get("stock", {}).get("points", {}).get(key)
+        for variant, res in results.items():
+            r = res["points"][key]
+            wall = f"{r['wall_s'] / stock['wall_s']:.2f}x" if stock else ""
+            dec = f"{r['decode_tok_s'] / stock['decode_tok_s']:.2f}x" if stock else ""
+            lines.append(f"| {batch} × {length} | {variant} | {r['wall_s']:.1f} | {wall} | {r['output_tok_s']:.2f} | "
+                         f"{r['decode_tok_s']:.2f} | {dec} | {r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | "
+                         f"{r['ttft_s']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def bench_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
@@ -247,13 +316,16 @@ def main(args: Any, model: str, tokenizer: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     results = measure(model, tokenizer, points, variants, args.budget or 1024, args.block_size, args.max_tokens,
-                      args.repeats, args.server_args.split(), bench=args.vllm_bench, rounds=args.rounds)
+                      args.repeats, args.server_args.split(), bench=args.vllm_bench, rounds=args.rounds,
+                      pool_requests=args.pool_requests)
     meta = {"command": " ".join(["sentencekv-eval", "perf", *args.argv]), "budget": args.budget or 1024,
             "rounds": args.rounds, "block_size": args.block_size, "max_tokens": args.max_tokens,
+            "pool_requests": args.pool_requests,
             "wall_s": round(time.time() - t0, 1)}
     (out / "perf.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     md = table(results, points)
     (out / "perf.md").write_text(f"Command: `{meta['command']}`\n\n{md}")
-    plot(results, out / "step_time.png")
+    if not args.pool_requests:      # a batch job has no pure-decode window to plot
+        plot(results, out / "step_time.png")
     print(md)
     return 0
