@@ -104,3 +104,12 @@ def test_perf_batch_job_helpers():
     assert pool_blocks(0, 7756, 8000, 32) == 0
     assert pool_blocks(2, 7756, 8032, 32) == 2 * 245
     assert pool_blocks(1, 1000, 8000, 32) == 251
+
+
+def test_perf_steady_rate_counts_the_requests_running_once_all_started():
+    """Stock in a small pool: the first pair finished before the last started, so only the last pair counts."""
+    from sentencekv_vllm.eval.perf import steady_rate
+
+    first_pair = [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
+    last_pair = [[3.0, 4.0, 5.0, 6.0], [3.5, 4.5, 5.5]]
+    assert steady_rate(first_pair + last_pair) == 4 / 2.0      # (3.5, 5.5]: 4.0 and 5.0, 4.5 and 5.5

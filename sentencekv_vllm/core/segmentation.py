@@ -152,6 +152,7 @@ class PunctSegmenter:
 class _Stream:
     start: int
     n: int
+    max_len: int        # no unit is longer (the planner relies on it: ``integration/planner._plan_decode``)
 
     def finish(self) -> list[int]:
         """Close the open sentence (end of the sequence)."""
@@ -170,6 +171,7 @@ class IncrementalSegmenter(_Stream):
 
     def __init__(self, classes: TokenClasses, rule: LengthRule, start: int = 0) -> None:
         self.classes, self.rule = classes, rule
+        self.max_len = rule.max_len
         self.start = start          # index of the first token of the open sentence
         self.n = start              # tokens seen so far (absolute index of the next token)
         self.prev: int | None = None
@@ -250,6 +252,7 @@ class FixedLengthSegmenter:
 class FixedLengthStream(_Stream):
     def __init__(self, size: int, start: int = 0) -> None:
         self.size, self.start, self.n = size, start, start
+        self.max_len = size
 
     def push(self, token_id: int) -> list[int]:
         ends = []

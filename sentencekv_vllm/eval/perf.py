@@ -18,7 +18,8 @@ variant and the range of the per-round ratios to stock.
 With ``--pool-requests K`` every server gets a device pool that holds K stock requests of the longest point
 (``--num-gpu-blocks-override``): a batch job in a fixed pool, where SentenceKV with the host tier can run more
 requests at once than stock. Its table reports what such a job costs: wall time, output tokens/s, aggregate decode
-tokens/s (decode tokens over the time during which any request was decoding) and the peak of running requests.
+tokens/s (decode tokens over the time during which any request was decoding), steady decode tokens/s (once every
+request has started: stock's last batch vs all of them with the host tier) and the peak of running requests.
 
 With ``--vllm-bench`` every point also runs ``vllm bench serve`` (random dataset, the point's prompt length and
 batch, every request at once) against the same server: its output throughput includes prefill, as a user measures.
@@ -100,9 +101,22 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int, sam
         "decode_tok_s": decode_tokens / _union([(r["times"][0], r["times"][-1]) for r in runs]),
         "mean_tpot_ms": 1e3 * statistics.mean((r["times"][-1] - r["times"][0]) / max(1, len(r["times"]) - 1)
                                               for r in runs),
+        "steady_tok_s": steady_rate([r["times"] for r in runs]),
         "peak_running": sampler.peak_running if sampler is not None else None,
         "chunk_times_s": [[round(t - start, 4) for t in r["times"]] for r in runs],
     }
+
+
+def steady_rate(times: list[list[float]]) -> float | None:
+    """Aggregate decode tokens/s once every request has started: from the last first token to the first last
+    token among the requests still running then (stock in a small pool: its last batch; with the host tier: all)."""
+    lo = max(t[0] for t in times)
+    alive = [t for t in times if t[-1] > lo]
+    if not alive:
+        return None
+    hi = min(t[-1] for t in alive)
+    tokens = sum(1 for t in alive for x in t if lo < x <= hi)
+    return tokens / (hi - lo) if hi > lo else None
 
 
 def _union(spans: list[tuple[float, float]]) -> float:
@@ -254,7 +268,8 @@ def _spread(results: dict[str, Any], variant: str, key: str) -> str:
 def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
     """The whole job per point and variant: what a batch job in a fixed pool costs (``--pool-requests``)."""
     lines = ["| requests × prompt | variant | wall s | wall vs stock | output tok/s | decode tok/s | decode vs stock |"
-             " mean TPOT ms | peak running | median TTFT s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             " steady decode tok/s | steady vs stock | mean TPOT ms | peak running | median TTFT s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for batch, length in points:
         key = f"{batch}x{length}"
         stock = results.get("stock", {}).get("points", {}).get(key)
@@ -262,9 +277,11 @@ def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             r = res["points"][key]
             wall = f"{r['wall_s'] / stock['wall_s']:.2f}x" if stock else ""
             dec = f"{r['decode_tok_s'] / stock['decode_tok_s']:.2f}x" if stock else ""
+            steady = r.get("steady_tok_s")
+            ratio = f"{steady / stock['steady_tok_s']:.2f}x" if stock and steady and stock.get("steady_tok_s") else ""
             lines.append(f"| {batch} × {length} | {variant} | {r['wall_s']:.1f} | {wall} | {r['output_tok_s']:.2f} | "
-                         f"{r['decode_tok_s']:.2f} | {dec} | {r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | "
-                         f"{r['ttft_s']:.2f} |")
+                         f"{r['decode_tok_s']:.2f} | {dec} | {steady or float('nan'):.2f} | {ratio} | "
+                         f"{r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | {r['ttft_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

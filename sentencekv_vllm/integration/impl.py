@@ -22,7 +22,7 @@ from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import BlockLayout
-from sentencekv_vllm.integration.planner import DenseSubset, IndexBuild, SparseGroup, StepPlan, plan_step
+from sentencekv_vllm.integration.planner import CatchUp, DenseSubset, IndexBuild, SparseGroup, StepPlan, plan_step
 from sentencekv_vllm.integration.state import STATE, UnitStore
 from sentencekv_vllm.integration.tier.host_reads import make_resident, read_host_tokens
 
@@ -106,6 +106,8 @@ class SentenceKVImplMixin:
         assert store is not None
         for copy in plan.obs:
             copy.req.obs[layer_idx, copy.dst_lo:copy.dst_lo + len(copy.src)] = query[copy.src].float()
+        for job in plan.catch_ups:
+            self._catch_up(store, layer_idx, layer, kv_cache, job)
         if plan.fold is not None:
             self._update_running_sums(store, layer_idx, query, key, plan)
         for job in plan.index_builds:
@@ -136,6 +138,15 @@ class SentenceKVImplMixin:
         q, k = query[tok], key[tok]
         q = q.view(q.shape[0], self.num_kv_heads, -1, self.head_size).sum(2, dtype=torch.float32)
         store.fold_open(layer_idx, fold.slot, q, k.float())
+
+    def _catch_up(self, store: UnitStore, layer_idx: int, layer, kv_cache, job: CatchUp) -> None:
+        """A row turning sparse: the statistics of the sentences it generated while dense, and of its open one so
+        far, reduced from the keys in the paged cache the way the fold would have (``UnitStore.catch_up``)."""
+        n = job.positions.numel()
+        pos = job.positions.view(1, 1, n).expand(1, self.num_kv_heads, n)
+        keys, _ = self._block_layout(layer, kv_cache).gather(kv_cache, job.block_row, pos)
+        store.catch_up(layer_idx, job.slot, keys[0].transpose(0, 1).float(), job.seg, job.unit_slots, job.count,
+                       policies.indexers(STATE.units))
 
     def _build_index(self, store: UnitStore, layer_idx: int, layer, kv_cache, job: IndexBuild) -> None:
         """Prompt index for this layer, from the keys just written to the paged cache: the unit features of the

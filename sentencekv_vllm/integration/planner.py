@@ -58,6 +58,24 @@ class FoldRows:
 
 
 @dataclass
+class CatchUp:
+    """A decode row that starts folding at this step (it turns sparse): the generated sentences it closed while
+    dense, and its open sentence so far, get their statistics from the keys already in the paged cache.
+
+    Why: a dense row needs no sentence features, so it skips the per-layer fold (SentenceKV then costs a dense row
+    nothing per layer); its features are built once, if it ever turns sparse. The open sentence's query sum starts
+    at this step (queries are not cached), so its selection query averages the sentence's tokens from here on.
+    """
+
+    slot: int
+    block_row: torch.Tensor    # [1, max_blocks]
+    positions: torch.Tensor    # [n] cached positions to read (closed sentences, then the open one)
+    seg: torch.Tensor          # [n] 0..P-1: closed sentence of each position, P: the open sentence
+    unit_slots: torch.Tensor   # [P] unit-pool rows of the closed sentences
+    count: torch.Tensor        # [P] float tokens in each closed sentence
+
+
+@dataclass
 class PagedGroup:
     """Block-granular attention of a sparse group (``core/blocks.py``) on the stock paged kernel."""
 
@@ -118,6 +136,7 @@ class DenseSubset:
 class StepPlan:
     obs: list[ObsCopy] = field(default_factory=list)
     index_builds: list[IndexBuild] = field(default_factory=list)
+    catch_ups: list[CatchUp] = field(default_factory=list)
     fold: FoldRows | None = None
     sparse: list[SparseGroup] = field(default_factory=list)
     dense: DenseSubset | None = None
@@ -139,9 +158,10 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     seq_lens = cm.seq_lens.cpu().tolist()
     plan = StepPlan()
     fold: dict[str, list] = {k: [] for k in ("tok", "slot", "reset", "close_rows", "close_units", "close_count")}
-    sparse_rows: dict[str, list[tuple[int, RequestState, int, int]]] = {}
+    sparse_rows: dict[tuple[str, bool], list[tuple[int, RequestState, int, int]]] = {}
     dense_rows: list[int] = []
     punct: dict[int, bool] = {}
+    decode_rows = 0
     for i, row in enumerate(runner_rows(STATE.runner, num_reqs)):
         q0, q1, total = qsl[i], qsl[i + 1], seq_lens[i]
         ctx = total - (q1 - q0)
@@ -151,22 +171,25 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
             _plan_prefill(plan, req, row, i, q0, ctx, total, cm)
             dense_rows.append(i)
         elif q1 - q0 == 1 and req.indexed:
-            n_sent = _plan_decode(fold, req, row, q0, total)
+            decode_rows += 1
             policy = policies.get(req.cfg.policy)
+            sparse = policy.stateful or (not policy.dense and total >= req.cfg.sparse_from)
+            n_sent = _plan_decode(plan, fold, req, row, q0, total, sparse, cm.block_table_tensor[i:i + 1])
             if policy.stateful:
                 punct[i] = _is_punct(int(row.token_ids[total - 1]))
-            if policy.stateful or (not policy.dense and total >= req.cfg.sparse_from):
-                sparse_rows.setdefault(policy.name, []).append((i, req, q0, n_sent))
+            if sparse:
+                sparse_rows.setdefault((policy.name, _row_paged(builder, req)), []).append((i, req, q0, n_sent))
             else:
                 dense_rows.append(i)
         else:
             dense_rows.append(i)
     plan.fold = _close_and_reset(fold) if fold["tok"] else None
     if sparse_rows:
-        plan.sparse = [_sparse_group(builder, base, p, rows, seq_lens, cm, punct) for p, rows in sparse_rows.items()]
+        plan.sparse = [g for (p, paged), rows in sparse_rows.items()
+                       for g in _sparse_groups(builder, base, p, rows, seq_lens, cm, punct, paged)]
         plan.dense = _dense_subset(builder, base, dense_rows, qsl, cm) if dense_rows else None
     plan.stats = {"plan_s": time.perf_counter() - t0, "sparse_rows": sum(map(len, sparse_rows.values()))}
-    metrics.observe_step(plan.stats["sparse_rows"], len(fold["tok"]))
+    metrics.observe_step(plan.stats["sparse_rows"], decode_rows)
     return plan
 
 
@@ -211,27 +234,69 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
                                   torch.tensor(slots, device=store.device)))
 
 
-def _plan_decode(fold: dict[str, list], req: RequestState, row: RowInfo, q0: int, total: int) -> int:
+def _plan_decode(plan: StepPlan, fold: dict[str, list], req: RequestState, row: RowInfo, q0: int, total: int,
+                 sparse: bool, block_row: torch.Tensor) -> int:
     """Feed the generated tokens the segmenter has not seen yet; returns the number of closed units after this step.
 
     The stream catches up from its own position, so a decode row that skipped this path (a multi-token row, a
     step before the index existed) cannot desynchronise it. Under async scheduling the newest sampled token is
     still a placeholder (``-1``) in the runner's token row; it is fed at the next step, so a sentence may close
     one step late (its centroid then holds that token too).
+
+    A row folds its token into the running statistics (every layer) only from ``max_len + 2`` tokens before it
+    turns sparse (always with the host tier, whose spills may free the blocks a catch-up would read); before that
+    its sentences close without features, which are built from the cache when it starts folding
+    (:class:`CatchUp`). No unit is longer than ``max_len``, so the sentence open when the row turns sparse started
+    after folding did: its query sum is whole and the features are those the fold would have made.
     """
     pos = total - 1
-    for end in _feed(req, row.token_ids, pos):
+    was_folding = req.folding
+    ends = _feed(req, row.token_ids, pos)
+    for end in ends:
         unit = STATE.store.alloc_units(1)[0]
         if req.trace is not None:
             req.trace.close(req.open_start, end, req.cfg.budget, req.trace_pairs)
-        fold["close_rows"].append(len(fold["tok"]))
-        fold["close_units"].append(unit)
-        fold["close_count"].append(float(max(1, end - req.open_start)))
+        if was_folding:
+            fold["close_rows"].append(len(fold["tok"]))
+            fold["close_units"].append(unit)
+            fold["close_count"].append(float(max(1, end - req.open_start)))
         req.close_sentence(end, unit)
+    if not _folds(req, total, sparse):
+        return len(req.units)
+    if not was_folding:
+        _start_folding(plan, req, pos, block_row)
     fold["tok"].append(q0)
     fold["slot"].append(req.slot)
-    fold["reset"].append(pos == req.open_start)
+    # a sentence closed one step late (async scheduling) leaves this step's token first in the next one
+    fold["reset"].append(pos == req.open_start or bool(ends))
     return len(req.units)
+
+
+def _folds(req: RequestState, total: int, sparse: bool) -> bool:
+    """Whether a decode row folds its token at this step (see :func:`_plan_decode`)."""
+    if req.folding or sparse or STATE.host is not None:
+        return True
+    return not policies.get(req.cfg.policy).dense and total + req.stream.max_len + 2 >= req.cfg.sparse_from
+
+
+def _start_folding(plan: StepPlan, req: RequestState, pos: int, block_row: torch.Tensor) -> None:
+    """The row folds from this step on; what it generated before gets its statistics from the cache."""
+    pending = req.units[req.unfolded:]
+    lo = pending[0][0] if pending else req.open_start
+    req.start_folding(pos)
+    if pos <= lo:
+        return
+    store = STATE.store
+    dev = store.device
+    slots = req.unit_slots[len(req.unit_slots) - len(pending):]
+    lengths = [e - s for s, e in pending] + [pos - req.open_start]
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    if slots:
+        store.valid[:, slots] = True        # built by this step's forward, before any layer selects
+    plan.catch_ups.append(CatchUp(
+        req.slot, block_row, torch.arange(lo, pos, device=dev), seg.to(dev), torch.tensor(slots, device=dev,
+                                                                                        dtype=torch.long),
+        torch.tensor([float(max(1, n)) for n in lengths[:-1]], device=dev)))
 
 
 def _feed(req: RequestState, token_ids: Any, pos: int) -> list[int]:
@@ -280,9 +345,27 @@ def _as_slice(toks: list[int]) -> slice | None:
     return slice(toks[0], toks[0] + len(toks)) if toks == list(range(toks[0], toks[0] + len(toks))) else None
 
 
+def _sparse_groups(builder: Any, base: Any, policy: str, rows: list[tuple[int, RequestState, int, int]],
+                   seq_lens: list[int], cm: Any, punct: dict[int, bool], paged: bool) -> list[SparseGroup]:
+    """The rows of one policy and decode path as one group; with the host tier, rows whose hot set cannot hold
+    their selected blocks leave a paged group for an exact one (a row's path never depends on the other rows)."""
+    group = _sparse_group(builder, base, policy, rows, seq_lens, cm, punct, paged)
+    if group.paged is None or group.host is None:
+        return [group]
+    block_size = STATE.vllm_config.cache_config.block_size
+    holds = hot_sets_hold(group.paged.plan, group.reqs, STATE.hot, STATE.cfg.sinks, block_size)
+    if all(holds):
+        return [group]
+    keep = [row for row, ok in zip(rows, holds, strict=True) if ok]
+    spill = [row for row, ok in zip(rows, holds, strict=True) if not ok]
+    return ([_sparse_group(builder, base, policy, keep, seq_lens, cm, punct, True)] if keep else []) + \
+        [_sparse_group(builder, base, policy, spill, seq_lens, cm, punct, False)]
+
+
 def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, RequestState, int, int]],
-                  seq_lens: list[int], cm: Any, punct: dict[int, bool]) -> SparseGroup:
-    """``punct``: batch row -> this step's token is sentence-final (rows of stateful policies)."""
+                  seq_lens: list[int], cm: Any, punct: dict[int, bool], paged: bool) -> SparseGroup:
+    """``punct``: batch row -> this step's token is sentence-final (rows of stateful policies); ``paged``: the
+    group attends whole blocks (:func:`_row_paged`)."""
     dev = STATE.store.device
     n_units = max(1, max(n for *_, n in rows))
     r = len(rows)
@@ -305,7 +388,7 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
     group = SparseGroup(
         policy=policy, tok=torch.tensor([q0 for _, _, q0, _ in rows], device=dev),
         slot=torch.tensor([req.slot for req in reqs], device=dev),
-        q_count=(totals - torch.tensor([req.open_start for req in reqs])).clamp(min=1).float().to(dev),
+        q_count=(totals - torch.tensor([max(req.open_start, req.q_from) for req in reqs])).clamp(min=1).float().to(dev),
         batch=batch, unit_slots=slots.to(dev), unit_valid=valid.to(dev),
         block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
         width=int(min(budgets.max(), totals.max())), reqs=reqs, traced=traced)
@@ -314,11 +397,8 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
         group.tokens = GroupTokens(reqs, torch.tensor([req.prompt_len for req in reqs], device=dev))
     if policies.get(policy).stateful:
         group.punct = [punct[i] for i in idx]
-    if policies.get(policy).paged and _paged(builder, budgets, traced):
+    if paged:
         group.paged = _paged_group(builder, base, policy, group, tail.to(dev))
-        block_size = STATE.vllm_config.cache_config.block_size
-        if group.host is not None and not hot_sets_hold(group.paged.plan, reqs, STATE.hot, cfg.sinks, block_size):
-            group.paged = None
         group.rows = _as_slice([q0 for _, _, q0, _ in rows])
     return group
 
@@ -331,14 +411,17 @@ def _tail_lengths(reqs: list[RequestState], totals: torch.Tensor, budgets: torch
     return torch.minimum(open_len.clamp(min=cfg.recent), budgets - cfg.sinks)
 
 
-def _paged(builder: Any, budgets: torch.Tensor, traced: list) -> bool:
-    """Whether the group attends whole blocks with the stock kernel (``attention`` in the config; see README).
+def _row_paged(builder: Any, req: RequestState) -> bool:
+    """Whether a sparse row attends whole blocks with the stock kernel (``attention`` in the config; see README):
+    decided per row, from its own budget and policy, so that what else is batched cannot change its output.
     Traced rows take the exact path (the trace reports attention mass per token)."""
     mode = STATE.cfg.attention
-    if mode == "exact" or not getattr(builder, "supports_paged_sparse", False) or traced:
+    if mode == "exact" or not getattr(builder, "supports_paged_sparse", False) or req.trace is not None:
+        return False
+    if not policies.get(req.cfg.policy).paged:
         return False
     block_size = STATE.vllm_config.cache_config.block_size
-    return mode == "paged" or int(budgets.min()) >= PAGED_MIN_BLOCKS * block_size
+    return mode == "paged" or req.cfg.budget >= PAGED_MIN_BLOCKS * block_size
 
 
 def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: torch.Tensor) -> PagedGroup:

@@ -54,6 +54,9 @@ class RequestState:
     indexed: bool = False                       # prompt index built (all layers)
     stream: Any = None                          # incremental segmenter over generated tokens
     open_start: int = 0                         # first position of the open (generated) sentence
+    folding: bool = False                       # decode tokens fold into the running statistics (planner)
+    unfolded: int = 0                           # units from here on closed unfolded (features built at catch-up)
+    q_from: int = 0                             # first position whose query is in the open sentence's query sum
     host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
     trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0 or sentencekv_trace)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
@@ -125,6 +128,11 @@ class RequestState:
         self.indexed = True
         self.stream = stream
         self.open_start = self.prompt_len
+        self.unfolded = len(self.units)
+
+    def start_folding(self, pos: int) -> None:
+        """Token ``pos`` is the first folded (queries from here on); every unit so far has its features."""
+        self.folding, self.q_from, self.unfolded = True, pos, len(self.units)
 
     def close_sentence(self, end: int, unit: int) -> None:
         """The open generated sentence ends before ``end`` and becomes unit-pool row ``unit``."""
@@ -224,6 +232,25 @@ class UnitStore:
                 t[layer_idx].index_add_(0, slots, keys)
             else:
                 t[layer_idx].index_reduce_(0, slots, keys, how)
+
+    def catch_up(self, layer_idx: int, slot: int, keys: torch.Tensor, seg: torch.Tensor, unit_slots: torch.Tensor,
+                 count: torch.Tensor, indexers: list[Any]) -> None:
+        """One layer: the running statistics of ``P`` closed units and of the open one (``seg`` ``[n]``: unit of
+        each key, ``P`` = open), reduced from their keys ``[n, Hk, D]`` float32 as the fold would have; the
+        closed ones become unit features (``Policy.close_open``), the open one continues in request ``slot``,
+        whose query sum starts empty (the caller folds this step's query next)."""
+        p = unit_slots.numel()
+        stats = {}
+        for name, how in self.open_reduce.items():
+            out = torch.full((p + 1, *keys.shape[1:]), OPEN_INIT[how], dtype=torch.float32, device=keys.device)
+            stats[name] = out.index_add_(0, seg, keys) if how == "sum" else out.index_reduce_(0, seg, keys, how)
+            self.open[name][layer_idx, slot] = stats[name][p]
+        self.qsum[layer_idx, slot] = 0.0
+        if p:
+            closed = {name: t[:p] for name, t in stats.items()}
+            for policy in indexers:
+                for name, value in policy.close_open(closed, count).items():
+                    self.units[name][layer_idx, unit_slots] = value
 
     def alloc_slot(self) -> int:
         """A request slot (row of the running sums). Live requests never exceed ``max_num_seqs`` (preempted ones

@@ -79,3 +79,39 @@ def test_engine_fold_equals_policy_reference(name):
     for s in policy.open_slots:
         for lyr in range(2):
             torch.testing.assert_close(store.open[s][lyr, slots], ref[s])
+
+
+@pytest.mark.parametrize("name", ["sentencekv", "quest"])
+def test_catch_up_from_cached_keys_equals_the_fold(name):
+    """A decode row that folds only once it nears ``sparse_from`` (``planner.CatchUp``): the sentences it closed
+    before, and its open one, reduced from their keys in one ``UnitStore.catch_up`` per layer, get exactly the
+    features and open statistics the token-by-token fold gives (same float order), and its query sum restarts."""
+    from sentencekv_vllm.integration.state import UnitStore
+
+    policy = policies.get(name)
+    dims = dict(num_layers=2, num_kv_heads=3, num_heads=6, head_dim=8, max_reqs=4, device=torch.device("cpu"),
+                unit_slots=policy.slots, open_slots=dict(policy.open_slots))
+    folded, caught = UnitStore(**dims), UnitStore(**dims)
+    spans = [(0, 5), (5, 12), (12, 15)]              # two closed units, then the open one
+    keys = torch.randn(2, 15, 3, 8, generator=torch.Generator().manual_seed(2))
+    slot, units = 1, torch.tensor([3, 0])
+    for j, (lo, hi) in enumerate(spans):
+        folded.reset_open(torch.tensor([slot]))
+        for t in range(lo, hi):
+            for lyr in range(2):
+                folded.fold_open(lyr, torch.tensor([slot]), torch.ones(1, 3, 8), keys[lyr, t:t + 1])
+        if j < 2:
+            rows = folded.open_rows(torch.tensor([slot]))
+            for s, value in policy.close_open(rows, torch.tensor([float(hi - lo)])).items():
+                folded.units[s][:, units[j:j + 1]] = value
+    caught.qsum.fill_(7.0)
+    for s in caught.open:
+        caught.open[s].fill_(3.0)                     # stale statistics of the slot's previous request
+    seg = torch.tensor([0] * 5 + [1] * 7 + [2] * 3)
+    for lyr in range(2):
+        caught.catch_up(lyr, slot, keys[lyr], seg, units, torch.tensor([5.0, 7.0]), [policy])
+    for s in policy.slots:
+        assert torch.equal(caught.units[s][:, units], folded.units[s][:, units])
+    for s in policy.open_slots:
+        assert torch.equal(caught.open[s][:, slot], folded.open[s][:, slot])
+    assert torch.equal(caught.qsum[:, slot], torch.zeros(2, 3, 8))

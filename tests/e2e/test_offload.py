@@ -21,36 +21,52 @@ ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", "--block-size",
 EXACT = {"sentencekv_budget": 224}     # < 8 blocks of 32: the exact path; the server's 512 takes the paged one
 
 
-def complete(client, prompt: str, max_tokens: int = 32, **xargs) -> str:
+# A short prompt whose decode turns sparse on the way (per-request budgets: 256 takes the paged path, 224 the
+# exact one; sparse from budget + 1 with `dense_below: 1`). Without the host tier the row folds only from
+# `max_sentence_len + 2` tokens before that and builds the sentences it generated before from the cache
+# (planner.CatchUp); the host tier folds every token: identical tokens show the catch-up equals the fold. Run
+# concurrently, their long sparse decodes share steps with the other rows: a row's decode path must not depend
+# on its neighbours' budgets (it did: one 224-budget row sent every row of the step down the exact path).
+CROSSING = [(300, {"sentencekv_budget": 256}), (300, {"sentencekv_budget": 224})]
+
+
+def complete(client, prompt: str, max_tokens: int = 32, ignore_eos: bool = False, **xargs) -> str:
+    body = {"vllm_xargs": xargs} if xargs else {}
+    if ignore_eos:
+        body["ignore_eos"] = True
     res = client.completions.create(model="smollm2", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                    extra_body={"vllm_xargs": xargs} if xargs else None)
+                                    extra_body=body or None)
     return res.choices[0].text
 
 
 @pytest.fixture(scope="module")
-def identity_prompts(tokenizer):
-    return ([prompts.needle_prompt(tokenizer, 3000), prompts.long_prompt(tokenizer, 4000, 100_000)]
+def identity_cases(tokenizer) -> list[tuple[str, int, dict]]:
+    """(prompt, max_tokens, xargs): long prompts on both decode paths, and a decode crossing into sparse."""
+    long = ([prompts.needle_prompt(tokenizer, 3000), prompts.long_prompt(tokenizer, 4000, 100_000)]
             + [prompts.long_prompt(tokenizer, n, off) for n, off in ((1000, 20_000), (1500, 450_000),
                                                                      (2000, 800_000))])
+    short = prompts.chat(tokenizer, "Write a long story about a lighthouse keeper and a storm.")
+    return [(p, 32, xargs) for p in long for xargs in ({}, EXACT)] + [(short, n, x) for n, x in CROSSING]
 
 
-def both_paths(client, prompt: str) -> tuple[str, str]:
-    return complete(client, prompt), complete(client, prompt, **EXACT)
+def run_case(client, case: tuple[str, int, dict]) -> str:
+    prompt, max_tokens, xargs = case
+    return complete(client, prompt, max_tokens, ignore_eos=max_tokens > 32, **xargs)
 
 
 @pytest.fixture(scope="module")
-def resident_outputs(model_path, identity_prompts):
+def resident_outputs(model_path, identity_cases):
     with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_BASE)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
-        return [both_paths(client, p) for p in identity_prompts]
+        return [run_case(client, c) for c in identity_cases]
 
 
-def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, identity_prompts, resident_outputs):
+def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, identity_cases, resident_outputs):
     with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_HOST)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
-        alone = [both_paths(client, p) for p in identity_prompts]
-        with ThreadPoolExecutor(len(identity_prompts)) as pool:
-            together = list(pool.map(lambda p: both_paths(client, p), identity_prompts))
+        alone = [run_case(client, c) for c in identity_cases]
+        with ThreadPoolExecutor(len(identity_cases)) as pool:
+            together = list(pool.map(lambda c: run_case(client, c), identity_cases))
         text = srv.metrics()
     assert metric(text, "sentencekv_spilled_blocks_total") > 50, "nothing was offloaded"
     assert metric(text, "sentencekv_hot_set_hits_total") > 0, "the hot set never served a block"
@@ -60,13 +76,13 @@ def test_offload_gives_identical_tokens_alone_and_concurrently(model_path, ident
     assert together == resident_outputs
 
 
-def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, identity_prompts, resident_outputs):
+def test_full_host_tier_keeps_blocks_resident_with_identical_tokens(model_path, identity_cases, resident_outputs):
     """A host tier of fourteen 32-token fp32 blocks: the first spills take it, every other block stays on the
     device."""
     with vllm_server(model_path, *ARGS, *additional_config(servers.OFFLOAD_FULL_TIER)) as srv:
         client = openai.OpenAI(base_url=srv.v1, api_key="x")
-        with ThreadPoolExecutor(len(identity_prompts)) as pool:
-            together = list(pool.map(lambda p: both_paths(client, p), identity_prompts))
+        with ThreadPoolExecutor(len(identity_cases)) as pool:
+            together = list(pool.map(lambda c: run_case(client, c), identity_cases))
         time.sleep(2)
         text = srv.metrics()
     assert metric(text, "sentencekv_spilled_blocks_total") > 0

@@ -44,15 +44,13 @@ def host_tables(reqs: list[Any], block_table: torch.Tensor, num_kv_heads: int) -
                       slots[:, None, :].expand(r, num_kv_heads, m).contiguous())
 
 
-def hot_sets_hold(plan: BlockPlan, reqs: list[Any], hot: HotSets | None, sinks: int, block_size: int) -> bool:
-    """With the host tier, every selected block must be on the device for the stock kernel: each request's hot
-    set must have an entry for each KV head's selected blocks but the sink blocks and the last one (never
+def hot_sets_hold(plan: BlockPlan, reqs: list[Any], hot: HotSets | None, sinks: int, block_size: int) -> list[bool]:
+    """With the host tier, every selected block must be on the device for the stock kernel: per request, whether
+    its hot set has an entry for each KV head's selected blocks but the sink blocks and the last one (never
     spilled)."""
     sink_blocks = -(-sinks // block_size)
-    for req, k in zip(reqs, plan.num_blocks.tolist(), strict=True):
-        if req.host_map and (hot is None or hot.size(req.slot) < hot.heads * (k - sink_blocks - 1)):
-            return False
-    return True
+    return [not req.host_map or (hot is not None and hot.size(req.slot) >= hot.heads * (k - sink_blocks - 1))
+            for req, k in zip(reqs, plan.num_blocks.tolist(), strict=True)]
 
 
 def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, layer_idx: int, step: int,
