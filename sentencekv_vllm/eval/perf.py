@@ -107,6 +107,19 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int, sam
     }
 
 
+def tier_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """The host tier's counters over one run (None without the tier): hot-set hit rate, share of selected tokens
+    read from the host, blocks swapped into hot sets."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    hits, misses = delta("sentencekv_hot_set_hits_total"), delta("sentencekv_hot_set_misses_total")
+    selected = delta("sentencekv_selected_tokens_total")
+    return {"hot_hit_rate": hits / (hits + misses) if hits + misses else None,
+            "host_token_share": delta("sentencekv_selected_host_tokens_total") / selected if selected else None,
+            "swap_in_blocks": delta("sentencekv_swap_in_blocks_total")}
+
+
 def steady_rate(times: list[list[float]]) -> float | None:
     """Aggregate decode tokens/s once every request has started: from the last first token to the first last
     token among the requests still running then (stock in a small pool: its last batch; with the host tier: all)."""
@@ -167,7 +180,7 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
     """Every variant's server in turn, ``rounds`` times over; each point ``repeats`` times per server (the
     median run over every round is kept; all runs and each round's median are recorded)."""
     from sentencekv_vllm.eval.engines import Engine
-    from sentencekv_vllm.eval.serving import Sampler
+    from sentencekv_vllm.eval.serving import Sampler, scrape
 
     max_len = max(n for _, n in points) + max_tokens + 256
     max_len = -(-max_len // block_size) * block_size
@@ -184,9 +197,12 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
                     key = f"{batch}x{length}"
                     done = []
                     for rep in range(repeats):
-                        with Sampler(Engine(srv, variant), period=0.5) as sampler:
+                        engine = Engine(srv, variant)
+                        before = scrape(engine)
+                        with Sampler(engine, period=0.5) as sampler:
                             done.append(decode_point(client, prompts_for(tokenizer, batch, length, rep), max_tokens,
                                                      sampler))
+                        done[-1].update(tier_stats(before, scrape(engine)))
                     runs[variant][key].append(done)
                     mid = _median_run(done)
                     print(f"{variant:>10} {key} round {rnd + 1}/{rounds}: step {mid['step_ms'] or float('nan'):.1f} "
@@ -256,7 +272,7 @@ def table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
         else:
             row += " |"
         lines.append(row)
-    return "\n".join(lines) + "\n" + bench_table(results, points)
+    return "\n".join(lines) + "\n" + tier_table(results, points) + bench_table(results, points)
 
 
 def _spread(results: dict[str, Any], variant: str, key: str) -> str:
@@ -282,6 +298,19 @@ def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             lines.append(f"| {batch} × {length} | {variant} | {r['wall_s']:.1f} | {wall} | {r['output_tok_s']:.2f} | "
                          f"{r['decode_tok_s']:.2f} | {dec} | {steady or float('nan'):.2f} | {ratio} | "
                          f"{r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | {r['ttft_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tier_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
+    """The host tier's hot-set figures per point (variants with the tier only; empty otherwise)."""
+    rows = [(f"{b} × {n}", v, results[v]["points"][f"{b}x{n}"]) for b, n in points for v in results]
+    rows = [r for r in rows if r[2].get("hot_hit_rate") is not None]
+    if not rows:
+        return ""
+    lines = ["", "| requests × prompt | variant | hot-set hit rate | host-read token share | swap-in blocks |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {key} | {v} | {r['hot_hit_rate']:.2f} | {r['host_token_share'] or 0:.3f} | {r['swap_in_blocks']:g} |"
+              for key, v, r in rows]
     return "\n".join(lines) + "\n"
 
 
