@@ -59,12 +59,13 @@ class FoldRows:
 
 @dataclass
 class CatchUp:
-    """A decode row that starts folding at this step (it turns sparse): the generated sentences it closed while
-    dense, and its open sentence so far, get their statistics from the keys already in the paged cache.
+    """A decode row that starts folding at this step (it nears ``sparse_from``): the generated sentences it closed
+    before, and its open sentence so far, get their statistics from the keys already in the paged cache.
 
     Why: a dense row needs no sentence features, so it skips the per-layer fold (SentenceKV then costs a dense row
-    nothing per layer); its features are built once, if it ever turns sparse. The open sentence's query sum starts
-    at this step (queries are not cached), so its selection query averages the sentence's tokens from here on.
+    nothing per layer); its features are built once, if it gets near turning sparse. Queries are not cached, so the
+    open sentence's query sum starts here; that sentence closes before the row turns sparse (no unit is longer than
+    the margin), so no selection ever uses a partial query sum.
     """
 
     slot: int
