@@ -107,19 +107,6 @@ def decode_point(client: openai.OpenAI, prompts: list[str], max_tokens: int, sam
     }
 
 
-def tier_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """The host tier's counters over one run (None without the tier): hot-set hit rate, share of selected tokens
-    read from the host, blocks swapped into hot sets."""
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
-
-    hits, misses = delta("sentencekv_hot_set_hits_total"), delta("sentencekv_hot_set_misses_total")
-    selected = delta("sentencekv_selected_tokens_total")
-    return {"hot_hit_rate": hits / (hits + misses) if hits + misses else None,
-            "host_token_share": delta("sentencekv_selected_host_tokens_total") / selected if selected else None,
-            "swap_in_blocks": delta("sentencekv_swap_in_blocks_total")}
-
-
 def steady_rate(times: list[list[float]]) -> float | None:
     """Aggregate decode tokens/s once every request has started: from the last first token to the first last
     token among the requests still running then (stock in a small pool: its last batch; with the host tier: all)."""
@@ -180,7 +167,7 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
     """Every variant's server in turn, ``rounds`` times over; each point ``repeats`` times per server (the
     median run over every round is kept; all runs and each round's median are recorded)."""
     from sentencekv_vllm.eval.engines import Engine
-    from sentencekv_vllm.eval.serving import Sampler, scrape
+    from sentencekv_vllm.eval.serving import Sampler, scrape, tier_stats
 
     max_len = max(n for _, n in points) + max_tokens + 256
     max_len = -(-max_len // block_size) * block_size

@@ -158,15 +158,24 @@ def batch_point(engine: Engine, prompts: list[str], max_tokens: int) -> dict[str
         "peak_kv_usage": sampler.peak_usage,
         "selection_s": delta("sentencekv_selection_seconds_total"),
         "attention_s": delta("sentencekv_sparse_attention_seconds_total"),
-        "swap_in_blocks": delta("sentencekv_swap_in_blocks_total"),
-        "host_token_share": _ratio(delta("sentencekv_selected_host_tokens_total"),
-                                   delta("sentencekv_selected_tokens_total")),
-        "hot_hit_rate": _ratio(delta("sentencekv_hot_set_hits_total"),
-                               delta("sentencekv_hot_set_hits_total") + delta("sentencekv_hot_set_misses_total")),
+        **tier_stats(before, after),
         "transfer_s": delta("sentencekv_transfer_seconds_total"),
         "decode_s_sum": decode_s,
         "preemptions": delta("vllm:num_preemptions_total"),
     }
+
+
+def tier_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """The host tier's counters between two scrapes (ratios None without the tier): hot-set hit rate, share of
+    selected tokens read from the host, head slices swapped into hot sets."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    hits = delta("sentencekv_hot_set_hits_total")
+    return {"swap_in_blocks": delta("sentencekv_swap_in_blocks_total"),
+            "host_token_share": _ratio(delta("sentencekv_selected_host_tokens_total"),
+                                       delta("sentencekv_selected_tokens_total")),
+            "hot_hit_rate": _ratio(hits, hits + delta("sentencekv_hot_set_misses_total"))}
 
 
 def _ratio(a: float, b: float) -> float | None:
