@@ -284,7 +284,7 @@ def _start_folding(plan: StepPlan, req: RequestState, pos: int, block_row: torch
     """The row folds from this step on; what it generated before gets its statistics from the cache."""
     pending = req.units[req.unfolded:]
     lo = pending[0][0] if pending else req.open_start
-    req.start_folding(pos)
+    req.start_folding()
     if pos <= lo:
         return
     store = STATE.store
@@ -389,7 +389,7 @@ def _sparse_group(builder: Any, base: Any, policy: str, rows: list[tuple[int, Re
     group = SparseGroup(
         policy=policy, tok=torch.tensor([q0 for _, _, q0, _ in rows], device=dev),
         slot=torch.tensor([req.slot for req in reqs], device=dev),
-        q_count=(totals - torch.tensor([max(req.open_start, req.q_from) for req in reqs])).clamp(min=1).float().to(dev),
+        q_count=(totals - torch.tensor([req.open_start for req in reqs])).clamp(min=1).float().to(dev),
         batch=batch, unit_slots=slots.to(dev), unit_valid=valid.to(dev),
         block_table=cm.block_table_tensor[torch.tensor(idx, device=dev)],
         width=int(min(budgets.max(), totals.max())), reqs=reqs, traced=traced)

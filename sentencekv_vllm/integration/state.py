@@ -56,7 +56,6 @@ class RequestState:
     open_start: int = 0                         # first position of the open (generated) sentence
     folding: bool = False                       # decode tokens fold into the running statistics (planner)
     unfolded: int = 0                           # units from here on closed unfolded (features built at catch-up)
-    q_from: int = 0                             # first position whose query is in the open sentence's query sum
     host_map: dict[int, int] = field(default_factory=dict)   # logical block -> host slot (two-tier memory)
     trace: RequestTrace | None = None           # retrieval trace (trace_requests > 0 or sentencekv_trace)
     trace_pairs: int = 1                        # (layer, KV head) pairs per step, for the trace's shares
@@ -130,9 +129,11 @@ class RequestState:
         self.open_start = self.prompt_len
         self.unfolded = len(self.units)
 
-    def start_folding(self, pos: int) -> None:
-        """Token ``pos`` is the first folded (queries from here on); every unit so far has its features."""
-        self.folding, self.q_from, self.unfolded = True, pos, len(self.units)
+    def start_folding(self) -> None:
+        """This step's token is the first folded; every unit so far has its features (built by this step's
+        catch-up). The sentence open now closes before the row turns sparse, so no selection reads its partial
+        query sum (``planner._plan_decode``)."""
+        self.folding, self.unfolded = True, len(self.units)
 
     def close_sentence(self, end: int, unit: int) -> None:
         """The open generated sentence ends before ``end`` and becomes unit-pool row ``unit``."""
