@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from sentencekv_vllm import policies
+from sentencekv_vllm import native, policies
 from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.blocks import block_scores, physical_tables, select_blocks, with_trash_column
 from sentencekv_vllm.core.selection import UnitFeatures
@@ -134,6 +134,10 @@ class SentenceKVImplMixin:
         head's query group (the selection query) and the key statistics (closing and resetting are per step, in
         the planner)."""
         fold = plan.fold
+        key_sum = next(iter(store.open.values()), None)
+        if fold.native and native.fold(query, key, fold.tok, fold.slot, store.qsum[layer_idx],
+                                       key_sum[layer_idx] if key_sum is not None else None):
+            return
         tok = fold.rows if fold.rows is not None else fold.tok
         q, k = query[tok], key[tok]
         q = q.view(q.shape[0], self.num_kv_heads, -1, self.head_size).sum(2, dtype=torch.float32)
@@ -200,20 +204,25 @@ class SentenceKVImplMixin:
         """
         t0 = time.perf_counter()
         paged = group.paged
-        blocks = paged.blocks
-        if blocks is None:
-            policy = policies.get(group.policy)
+        policy = policies.get(group.policy)
+        blocks, table = paged.blocks, None
+        if paged.native is not None:       # one native call: the tables, or the logical blocks (host tier)
+            found = paged.native(store.units[policy.slots[0]][layer_idx], store.qsum[layer_idx],
+                                 paged.valid[layer_idx])
+            blocks, table = (found, None) if group.host is not None else (None, found)
+        elif blocks is None:
             valid = paged.valid[layer_idx]
             units = store.unit_rows(layer_idx, group.unit_slots, policy.slots, scratch=True)
             scores = policy.raw_score(store.query_sums(layer_idx, group.slot), policy.features(units, valid, True))
             blocks = select_blocks(block_scores(scores, paged.plan, valid.transpose(1, 2)), paged.plan)
-        tables = paged.tables
         t1 = time.perf_counter()
         if group.host is not None:     # the planner checked that every hot set can hold its selected blocks
             entries, _ = make_resident(STATE.host, STATE.hot, self._block_layout(layer, kv_cache), layer_idx,
                                        STATE.step, group.slot, group.host, blocks, blocks != paged.plan.trash)
-            tables = with_trash_column(entries, paged.plan.trash)
-        paged.metadata.block_table = physical_tables(blocks, tables)
+            table = physical_tables(blocks, with_trash_column(entries, paged.plan.trash))
+        elif table is None:
+            table = physical_tables(blocks, paged.tables)
+        paged.metadata.block_table = table
         t2 = time.perf_counter()
         hk = kv_cache.shape[1]
         rows = group.rows if group.rows is not None else group.tok

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from sentencekv_vllm import policies
+from sentencekv_vllm import native, policies
 from sentencekv_vllm.config import PAGED_MIN_BLOCKS
 from sentencekv_vllm.core.blocks import BlockPlan, head_split_tables, plan_blocks, recency_scores, select_blocks
 from sentencekv_vllm.core.segmentation import spans_from_ends
@@ -55,6 +55,7 @@ class FoldRows:
     tok: torch.Tensor          # [Rd] flat token index
     slot: torch.Tensor         # [Rd] request slot
     rows: slice | None = None  # ``tok`` as a slice when contiguous (views instead of gathers)
+    native: bool = False       # the native CPU fold applies (CPU, sum statistics only)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class PagedGroup:
     metadata: Any                       # stock metadata of the head-split batch (block table set per layer)
     blocks: torch.Tensor | None = None  # [R, Hk, W] logical blocks when they do not depend on the layer (streaming)
     valid: torch.Tensor | None = None   # [L, R, S, Hk] whether each head may take each unit, every layer (one gather)
+    native: native.BlockSelector | None = None   # the selection in one native call per layer (CPU, dot scores)
 
 
 @dataclass
@@ -338,7 +340,9 @@ def _close_and_reset(fold: dict[str, list]) -> FoldRows:
     reset = [s for s, r in zip(fold["slot"], fold["reset"], strict=True) if r]
     if reset:
         store.reset_open(torch.tensor(reset, device=dev))
-    return FoldRows(tok=torch.tensor(fold["tok"], device=dev), slot=slot, rows=_as_slice(fold["tok"]))
+    sums_only = len(store.open) <= 1 and set(store.open_reduce.values()) <= {"sum"}
+    return FoldRows(tok=torch.tensor(fold["tok"], device=dev), slot=slot, rows=_as_slice(fold["tok"]),
+                    native=sums_only and native.usable(slot))
 
 
 def _as_slice(toks: list[int]) -> slice | None:
@@ -437,10 +441,14 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
     qsl = torch.arange(len(seq) + 1, dtype=torch.int32, device=seq.device)
     md = builder.subset_metadata(base, qsl, seq, g.block_table, len(seq), heads=(hq // hk, 1))
     blocks = select_blocks(recency_scores(plan, hk), plan) if policy == "streaming" else None
-    valid = None
+    valid = selector = None
+    tables = head_split_tables(g.block_table, hk, plan.trash)
     if blocks is None:     # the unit masks of every layer in one gather (per layer: a view)
         valid = STATE.store.valid.index_select(1, g.unit_slots.reshape(-1)).view(-1, *g.unit_slots.shape, hk)
-    return PagedGroup(plan, head_split_tables(g.block_table, hk, plan.trash), md, blocks, valid)
+        if policies.get(policy).dot_score and native.usable(tables):
+            # the host tier maps logical blocks through the hot sets itself
+            selector = native.BlockSelector(plan, g.unit_slots, g.slot, tables if g.host is None else None, hk)
+    return PagedGroup(plan, tables, md, blocks, valid, selector)
 
 
 def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:

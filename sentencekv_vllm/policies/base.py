@@ -80,6 +80,9 @@ class Policy:
     paged: ClassVar[bool] = True
     #: :meth:`score` reads the decode query (the engine keeps the open sentence's query sum for it)
     uses_query: ClassVar[bool] = False
+    #: :meth:`raw_score` is the dot product of the query sum with the first feature slot, which the native CPU
+    #: block selection computes itself (``sentencekv_vllm/native``)
+    dot_score: ClassVar[bool] = False
     #: :meth:`build_tokens` returns features the decode step needs (``positions(..., tokens=...)``)
     token_level: ClassVar[bool] = False
     #: keeps its own per-request, per-layer decode state instead of the shared pools (the authors' code,

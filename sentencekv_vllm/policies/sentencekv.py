@@ -19,6 +19,7 @@ class SentenceKV(Policy):
     slots = ("centroid",)
     open_slots = {"key_sum": "sum"}
     uses_query = True
+    dot_score = True
 
     def build_units(self, keys: torch.Tensor, spans: torch.Tensor, obs: torch.Tensor | None,
                     cfg: PolicyConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

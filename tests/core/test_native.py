@@ -1,0 +1,100 @@
+"""The native CPU kernels (``sentencekv_vllm/native``) against the torch reference they replace on CPU: the same
+blocks in the same order as ``block_scores`` + ``select_blocks`` + ``physical_tables``, and the same fold as
+``UnitStore.fold_open``, bit for bit. Scores use small integers so that both summation orders are exact (ties
+included); random rows, spans, budgets, invalid units and padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sentencekv_vllm import native
+from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, plan_blocks, select_blocks
+from sentencekv_vllm.core.selection import PAD_POS
+from sentencekv_vllm.integration.state import UnitStore
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="native kernels not built (no C compiler here)")
+
+HK, HQ, D, BS = 3, 9, 64, 32
+
+
+def _group(gen: torch.Generator, rows: int, budgets: list[int]):
+    """A random sparse group: spans of 1..70 tokens over 400..3000-token rows, some units invalid per head."""
+    spans, lens = [], []
+    for _ in range(rows):
+        n = int(torch.randint(400, 3000, (1,), generator=gen))
+        cuts, pos = [], 0
+        while pos < n - 40:
+            end = min(n - 40, pos + int(torch.randint(1, 70, (1,), generator=gen)))
+            cuts.append((pos, end))
+            pos = end
+        spans.append(cuts)
+        lens.append(n)
+    s = max(len(x) for x in spans)
+    starts = torch.full((rows, s), PAD_POS, dtype=torch.long)
+    ends, unit_valid = starts.clone(), torch.zeros(rows, s, dtype=torch.bool)
+    for i, sp in enumerate(spans):
+        starts[i, :len(sp)] = torch.tensor([a for a, _ in sp])
+        ends[i, :len(sp)] = torch.tensor([b for _, b in sp])
+        unit_valid[i, :len(sp)] = True
+    seq = torch.tensor(lens)
+    plan = plan_blocks(starts, ends, unit_valid, seq, torch.tensor(budgets), 32, seq - 40, BS)
+    return plan, unit_valid
+
+
+@pytest.mark.parametrize("rows,budgets", [(1, [1024]), (1, [256]), (3, [512, 1024, 320]), (8, [1024] * 8)])
+def test_block_selection_matches_torch(rows, budgets):
+    gen = torch.Generator().manual_seed(rows * 7 + budgets[0])
+    plan, unit_valid = _group(gen, rows, budgets)
+    s = unit_valid.shape[1]
+    store = UnitStore(1, HK, HQ, D, 16, torch.device("cpu"), ("centroid",))
+    slots = torch.tensor(store.alloc_units(rows * s)).view(rows, s)
+    # small integers: exact dot products in any order; few distinct values: many ties
+    store.units["centroid"][0, slots] = torch.randint(-2, 3, (rows, s, HK, D), generator=gen).float()
+    store.valid[0, slots] = (torch.rand(rows, s, HK, generator=gen) > 0.1) & unit_valid[..., None]
+    req_slots = torch.randperm(16, generator=gen)[:rows]
+    store.qsum[0, req_slots] = torch.randint(-3, 4, (rows, HK, D), generator=gen).float()
+    valid = store.valid_rows(0, slots)
+    table = torch.randperm(rows * 200, generator=gen).int().view(rows, 200)[:, :plan.base.shape[1]]
+    tables = head_split_tables(table, HK, plan.trash)
+
+    units = store.unit_rows(0, slots, ("centroid",))["centroid"]
+    scores = (units * store.query_sums(0, req_slots)[:, None]).sum(-1).transpose(1, 2)
+    blocks = select_blocks(block_scores(scores, plan, valid.transpose(1, 2)), plan)
+
+    cent, qsum = store.units["centroid"][0], store.qsum[0]
+    by_table = native.BlockSelector(plan, slots, req_slots, tables, HK)(cent, qsum, valid)
+    by_block = native.BlockSelector(plan, slots, req_slots, None, HK)(cent, qsum, valid)
+    assert torch.equal(by_block, blocks)
+    assert torch.equal(by_table, physical_tables(blocks, tables))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fold_matches_torch_bit_for_bit(dtype):
+    gen = torch.Generator().manual_seed(3)
+    layers, t, rows = 2, 11, 4
+    fused = torch.randn(t, (HQ + 2 * HK) * D, generator=gen).to(dtype)      # qkv output: q / k are strided views
+    query = fused[:, :HQ * D].view(t, HQ, D)
+    key = fused[:, HQ * D:(HQ + HK) * D].view(t, HK, D)
+    tok = torch.tensor([1, 4, 5, 9])
+    slot = torch.tensor([6, 0, 3, 2])
+    torch_store = UnitStore(layers, HK, HQ, D, 8, torch.device("cpu"), ("centroid",), {"key_sum": "sum"})
+    native_store = UnitStore(layers, HK, HQ, D, 8, torch.device("cpu"), ("centroid",), {"key_sum": "sum"})
+    for store in (torch_store, native_store):
+        store.qsum.normal_(generator=gen)
+        store.open["key_sum"].copy_(torch_store.open["key_sum"].normal_(generator=gen))
+    native_store.qsum.copy_(torch_store.qsum)
+    for _ in range(3):     # several steps: sums keep accumulating
+        q = query[tok].view(rows, HK, -1, D).sum(2, dtype=torch.float32)
+        torch_store.fold_open(1, slot, q, key[tok].float())
+        assert native.fold(query, key, tok, slot, native_store.qsum[1], native_store.open["key_sum"][1])
+    assert torch.equal(native_store.qsum, torch_store.qsum)
+    assert torch.equal(native_store.open["key_sum"], torch_store.open["key_sum"])
+
+
+def test_fold_declines_layouts_it_does_not_take():
+    query = torch.randn(4, HQ, D).transpose(0, 1).contiguous().transpose(0, 1)     # heads not contiguous
+    key = torch.randn(4, HK, D)
+    qsum = torch.zeros(8, HK, D)
+    assert not native.fold(query, key, torch.tensor([0]), torch.tensor([1]), qsum, None)
+    assert qsum.abs().sum() == 0
