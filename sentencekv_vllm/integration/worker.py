@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from sentencekv_vllm import native
 from sentencekv_vllm.integration.memory import IndexReservingWorker
 from sentencekv_vllm.integration.platform import ensure_v1_runner
 from sentencekv_vllm.integration.state import attach_runner
@@ -23,3 +24,4 @@ class SentenceKVCPUWorker(IndexReservingWorker, TraceRPC, CPUWorker):
         super().init_device()
         ensure_v1_runner(self.model_runner)
         attach_runner(self.model_runner, self.vllm_config)
+        native.library()        # built (or found in the cache) and logged at start-up, not at the first decode

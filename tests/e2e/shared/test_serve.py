@@ -43,6 +43,7 @@ def test_backend_is_active(shared):
     log = shared.srv.log_text()
     assert "SentenceKV enabled" in log
     assert "Cannot use SENTENCEKV backend" not in log
+    assert "SentenceKV: native CPU kernels loaded" in log      # selection and fold run natively on this server
 
 
 def test_index_is_reserved_at_start_up_inside_vllms_kv_memory(shared):
