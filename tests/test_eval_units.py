@@ -113,3 +113,16 @@ def test_perf_steady_rate_counts_the_requests_running_once_all_started():
     first_pair = [[0.0, 1.0, 2.0], [0.0, 1.0, 2.0]]
     last_pair = [[3.0, 4.0, 5.0, 6.0], [3.5, 4.5, 5.5]]
     assert steady_rate(first_pair + last_pair) == 4 / 2.0      # (3.5, 5.5]: 4.0 and 5.0, 4.5 and 5.5
+
+
+def test_kernel_benchmark_times_stock_torch_and_native_selection():
+    """``sentencekv-eval kernel`` at a tiny point: the stock kernel, the paged path with the torch selection and,
+    where the native kernels are built, with the native one."""
+    from sentencekv_vllm import native
+    from sentencekv_vllm.eval import kernel
+
+    res = kernel.measure([512], [2], [256], (9, 3), 64, 32, 2, 1.0, exact=False)
+    row = res["rows"][0]
+    assert row["stock_ms"] > 0 and row["paged_ms"] > 0
+    assert ("native_ms" in row) == (native.library() is not None)
+    assert "native" in kernel.table(res) or native.library() is None

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from sentencekv_vllm import policies
+from sentencekv_vllm import native, policies
 from sentencekv_vllm.core.attention import gathered_attention
 from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, plan_blocks, select_blocks
 from sentencekv_vllm.core.selection import SelectionBatch, UnitFeatures, group_mean_query
@@ -94,8 +94,10 @@ def sentences(r: int, t: int, length: int = 20) -> tuple[torch.Tensor, torch.Ten
     return starts, (starts + length).clamp(max=t)
 
 
-def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: UnitFeatures) -> Callable[[], Any]:
-    """SentenceKV's paged decode work for one layer (what ``impl._sparse_paged`` runs)."""
+def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: UnitFeatures,
+               use_native: bool = False) -> Callable[[], Any]:
+    """SentenceKV's paged decode work for one layer (what ``impl._sparse_paged`` runs): the torch selection, or
+    the native CPU kernel (``use_native``, what the engine runs on CPU)."""
     from vllm import _custom_ops as ops
 
     r, hq, d = q.shape
@@ -113,13 +115,19 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
     store, unit_slots = _unit_pool(cents, hq)
     policy = policies.get("sentencekv")
 
+    slots = torch.arange(r)
+    store.qsum[0, :r] = qsum
+    selector = native.BlockSelector(plan, unit_slots, slots, tables, hk) if use_native else None
+
     def run() -> torch.Tensor:
-        # as impl._sparse_paged: gather the rows' centroids into the pool's workspace, score them in place
         valid = store.valid_rows(0, unit_slots)     # the engine gathers every layer's masks once per step
-        units = store.unit_rows(0, unit_slots, policy.slots, scratch=True)
-        scores = policy.raw_score(qsum, policy.features(units, valid, True))
-        blocks = select_blocks(block_scores(scores, plan, valid.transpose(1, 2)), plan)
-        table = physical_tables(blocks, tables)
+        if selector is not None:
+            table = selector(store.units["centroid"][0], store.qsum[0], valid)
+        else:   # as impl._sparse_paged: gather the rows' centroids into the pool's workspace, score them in place
+            units = store.unit_rows(0, unit_slots, policy.slots, scratch=True)
+            scores = policy.raw_score(store.query_sums(0, slots), policy.features(units, valid, True))
+            blocks = select_blocks(block_scores(scores, plan, valid.transpose(1, 2)), plan)
+            table = physical_tables(blocks, tables)
         ops.cpu_attention_with_kv_cache(q.view(r * hk, hq // hk, d), kc, vc, out, qsl, seq, d ** -0.5, True, None,
                                         -1, table, 0.0, md, None)
         return out
@@ -190,6 +198,8 @@ def measure(contexts: list[int], batches: list[int], taus: list[int], heads: tup
             for tau in taus:
                 row = {"context": t, "batch": r, "tau": tau, "stock_ms": stock,
                        "paged_ms": timed(paged_step(cache, q, t, tau, cents), repeats)}
+                if native.usable(q):
+                    row["native_ms"] = timed(paged_step(cache, q, t, tau, cents, use_native=True), repeats)
                 if exact:
                     row["exact_ms"] = timed(exact_step(cache, q, t, tau, cents), max(3, repeats // 3))
                 rows.append(row)
@@ -200,12 +210,16 @@ def measure(contexts: list[int], batches: list[int], taus: list[int], heads: tup
 
 def table(res: dict[str, Any]) -> str:
     exact = any("exact_ms" in r for r in res["rows"])
+    nat = any("native_ms" in r for r in res["rows"])
     head = "| context | batch | τ | stock ms | paged ms | stock / paged |"
+    head += " paged, native selection ms | stock / native |" if nat else ""
     head += " exact ms | stock / exact |" if exact else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         line = (f"| {r['context']} | {r['batch']} | {r['tau']} | {r['stock_ms']:.2f} | {r['paged_ms']:.2f} | "
                 f"{r['stock_ms'] / r['paged_ms']:.1f}x |")
+        if nat:
+            line += f" {r['native_ms']:.2f} | {r['stock_ms'] / r['native_ms']:.1f}x |" if "native_ms" in r else " | |"
         if exact:
             line += f" {r['exact_ms']:.2f} | {r['stock_ms'] / r['exact_ms']:.2f}x |"
         lines.append(line)
