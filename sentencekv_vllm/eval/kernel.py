@@ -49,6 +49,11 @@ def random_cache(r: int, t: int, hk: int, d: int, block_size: int, dtype: torch.
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    if torch.cpu._is_amx_tile_supported():
+        # CPU_ATTN's bf16 kernel uses AMX tiles, which Linux lets a process use only after it asks (vLLM's
+        # workers have by then; a bare process dies of SIGILL without this)
+        torch.cpu._init_amx()
+
     gen = torch.Generator().manual_seed(seed)
     isa = _get_attn_isa(dtype, block_size, d)
     nb = math.ceil(t / block_size)
