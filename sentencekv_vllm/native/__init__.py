@@ -118,7 +118,7 @@ class BlockSelector:
         self.unit_slots = unit_slots.long().contiguous()
         self.slot = slot.long().contiguous()
         self.tables = tables.int().contiguous() if tables is not None else None
-        self.ext, self.score = torch.empty(self.s + 3), torch.empty(self.nb1)
+        self.ext, self.score = torch.empty(num_kv_heads * (self.s + 3)), torch.empty(self.nb1)
         self.top = torch.empty(self.w, dtype=torch.long)
 
     def __call__(self, cent: torch.Tensor, qsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -50,28 +50,35 @@ static int64_t top_blocks(const float *score, int64_t nb1, int64_t k, int64_t *t
 /* cent: one layer's centroid pool, ``cent_row`` floats per unit ([Hk, D]); qsum: one layer's open query sums,
  * ``q_row`` floats per request slot; slot [R]; unit_slots [R, S]; valid [R, S, Hk] (bytes); cand [R, NB1 * M]
  * (BlockPlan.cand: indices into the unit scores extended by UNCOVERED, FIXED, -inf); nblocks [R] blocks per row;
- * tables [R, Hk, NB1] int32 head-split ids (may be NULL); ext [S + 3], score [NB1], top [W]: workspaces.
+ * tables [R, Hk, NB1] int32 head-split ids (may be NULL); ext [Hk, S + 3], score [NB1], top [W]: workspaces.
  * Out: blocks [R, Hk, W] int64 logical blocks (may be NULL) and / or out_tables [R * Hk, W] int32 (needs tables);
- * slots past a row's own block count hold the padding column NB1 - 1. */
+ * slots past a row's own block count hold the padding column NB1 - 1.
+ * A row's units are scored in one pass over their pool rows (all heads of a unit are contiguous), then each head
+ * ranks its blocks. */
 void skv_select_blocks(const float *cent, int64_t cent_row, const float *qsum, int64_t q_row, const int64_t *slot,
                        const int64_t *unit_slots, int64_t S, const uint8_t *valid, const int64_t *cand,
                        int64_t NB1, int64_t M, const int64_t *nblocks, const int32_t *tables, int64_t R,
                        int64_t H, int64_t D, int64_t W, float *ext, float *score, int64_t *top,
                        int64_t *blocks, int32_t *out_tables) {
+    const int64_t E = S + 3;
     for (int64_t r = 0; r < R; r++) {
+        const float *q = qsum + slot[r] * q_row;
+        for (int64_t s = 0; s < S; s++) {
+            const float *c = cent + unit_slots[r * S + s] * cent_row;
+            const uint8_t *ok = valid + (r * S + s) * H;
+            for (int64_t h = 0; h < H; h++)
+                ext[h * E + s] = ok[h] ? dot(q + h * D, c + h * D, D) : -__builtin_inff();
+        }
+        const int64_t *c = cand + r * NB1 * M;
         for (int64_t h = 0; h < H; h++) {
-            const float *q = qsum + slot[r] * q_row + h * D;
-            for (int64_t s = 0; s < S; s++)
-                ext[s] = valid[(r * S + s) * H + h] ? dot(q, cent + unit_slots[r * S + s] * cent_row + h * D, D)
-                                                    : -__builtin_inff();
-            ext[S] = UNCOVERED;
-            ext[S + 1] = FIXED;
-            ext[S + 2] = -__builtin_inff();
-            const int64_t *c = cand + r * NB1 * M;
+            float *x = ext + h * E;
+            x[S] = UNCOVERED;
+            x[S + 1] = FIXED;
+            x[S + 2] = -__builtin_inff();
             for (int64_t b = 0; b < NB1; b++) {
-                float m = ext[c[b * M]];
+                float m = x[c[b * M]];
                 for (int64_t j = 1; j < M; j++) {
-                    const float v = ext[c[b * M + j]];
+                    const float v = x[c[b * M + j]];
                     if (v > m) m = v;
                 }
                 score[b] = m;
