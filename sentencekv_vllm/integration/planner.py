@@ -55,7 +55,7 @@ class FoldRows:
     tok: torch.Tensor          # [Rd] flat token index
     slot: torch.Tensor         # [Rd] request slot
     rows: slice | None = None  # ``tok`` as a slice when contiguous (views instead of gathers)
-    native: bool = False       # the native CPU fold applies (CPU, sum statistics only)
+    native: native.Folder | None = None   # the fold in one native call per layer (CPU, sum statistics only)
 
 
 @dataclass
@@ -340,9 +340,10 @@ def _close_and_reset(fold: dict[str, list]) -> FoldRows:
     reset = [s for s, r in zip(fold["slot"], fold["reset"], strict=True) if r]
     if reset:
         store.reset_open(torch.tensor(reset, device=dev))
+    tok = torch.tensor(fold["tok"], device=dev)
     sums_only = len(store.open) <= 1 and set(store.open_reduce.values()) <= {"sum"}
-    return FoldRows(tok=torch.tensor(fold["tok"], device=dev), slot=slot, rows=_as_slice(fold["tok"]),
-                    native=sums_only and native.usable(slot))
+    return FoldRows(tok=tok, slot=slot, rows=_as_slice(fold["tok"]),
+                    native=native.Folder(tok, slot) if sums_only and native.usable(slot) else None)
 
 
 def _as_slice(toks: list[int]) -> slice | None:

@@ -104,52 +104,77 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 class BlockSelector:
     """The paged selection of one sparse group for one step, every layer (``core/blocks.py``'s ``block_scores`` +
-    ``select_blocks`` + ``physical_tables`` for the sentencekv policy): the step's fixed inputs as contiguous
-    copies and the workspaces are made once; a call scores one layer's centroids with its query sums."""
+    ``select_blocks`` + ``physical_tables`` for the sentencekv policy): the step's fixed inputs, workspaces, output
+    buffer and call arguments are made once; a call scores one layer's centroids with its query sums.
+
+    The output buffer is shared by the step's layers: each layer's attention reads its tables before the next
+    layer selects (CPU ops are synchronous; the native path runs on CPU only)."""
 
     def __init__(self, plan: BlockPlan, unit_slots: torch.Tensor, slot: torch.Tensor,
                  tables: torch.Tensor | None, num_kv_heads: int) -> None:
-        self.lib = library()
-        self.r, self.s = unit_slots.shape
-        self.hk, self.w, self.nb1 = num_kv_heads, plan.width, plan.base.shape[1]
-        self.m = plan.cand.shape[1] // self.nb1
-        self.cand = plan.cand.long().contiguous()
-        self.num_blocks = plan.num_blocks.long().contiguous()
-        self.unit_slots = unit_slots.long().contiguous()
-        self.slot = slot.long().contiguous()
-        self.tables = tables.int().contiguous() if tables is not None else None
-        self.ext, self.score = torch.empty(num_kv_heads * (self.s + 3)), torch.empty(self.nb1)
-        self.top = torch.empty(self.w, dtype=torch.long)
+        r, s = unit_slots.shape
+        hk, w, nb1 = num_kv_heads, plan.width, plan.base.shape[1]
+        logical = tables is None
+        # kept alive for the pointers below
+        self._inputs = (plan.cand.long().contiguous(), plan.num_blocks.long().contiguous(),
+                        unit_slots.long().contiguous(), slot.long().contiguous(),
+                        None if logical else tables.int().contiguous(), torch.empty(hk * (s + 3)),
+                        torch.empty(nb1), torch.empty(w, dtype=torch.long))
+        cand, num_blocks, units, slots, tabs, ext, score, top = self._inputs
+        self.out = torch.empty((r, hk, w) if logical else (r * hk, w), dtype=torch.long if logical else torch.int32)
+        ptr = lambda t: None if t is None else t.data_ptr()    # noqa: E731
+        # skv_select_blocks(cent, cent_row, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks,
+        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables): 0-3 and 7 vary per layer
+        self._args = [None, 0, None, 0, slots.data_ptr(), units.data_ptr(), s, None, cand.data_ptr(), nb1,
+                      cand.shape[1] // nb1, num_blocks.data_ptr(), ptr(tabs), r, hk, 0, w, ext.data_ptr(),
+                      score.data_ptr(), top.data_ptr(), self.out.data_ptr() if logical else None,
+                      None if logical else self.out.data_ptr()]
+        self._fn = library().skv_select_blocks
 
     def __call__(self, cent: torch.Tensor, qsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """One layer: ``cent`` ``[P, Hk, D]`` and ``qsum`` ``[max_reqs, Hk, D]`` float32 (the store's rows),
-        ``valid`` ``[R, S, Hk]`` bool. Returns the head-split block tables ``[R * Hk, W]`` int32, or the logical
-        blocks ``[R, Hk, W]`` int64 when the selector has no tables (the host tier maps them itself)."""
-        logical = self.tables is None
-        out = torch.empty((self.r, self.hk, self.w) if logical else (self.r * self.hk, self.w),
-                          dtype=torch.long if logical else torch.int32)
-        self.lib.skv_select_blocks(
-            cent.data_ptr(), cent.stride(0), qsum.data_ptr(), qsum.stride(0), self.slot.data_ptr(),
-            self.unit_slots.data_ptr(), self.s, valid.contiguous().data_ptr(), self.cand.data_ptr(), self.nb1,
-            self.m, self.num_blocks.data_ptr(), None if logical else self.tables.data_ptr(), self.r, self.hk,
-            cent.shape[-1], self.w, self.ext.data_ptr(), self.score.data_ptr(), self.top.data_ptr(),
-            out.data_ptr() if logical else None, None if logical else out.data_ptr())
-        return out
+        """One layer: ``cent`` ``[P, Hk, D]`` and ``qsum`` ``[max_reqs, Hk, D]`` float32 (the store's rows, each
+        row contiguous), ``valid`` ``[R, S, Hk]`` bool. Returns the head-split block tables
+        ``[R * Hk, W]`` int32, or the logical blocks ``[R, Hk, W]`` int64 when the selector has no tables (the
+        host tier maps them through the hot sets itself)."""
+        args, valid = self._args, valid.contiguous()
+        args[0], args[1], args[2], args[3] = cent.data_ptr(), cent.stride(0), qsum.data_ptr(), qsum.stride(0)
+        args[7], args[15] = valid.data_ptr(), cent.shape[-1]
+        self._fn(*args)
+        return self.out
 
 
-def fold(query: torch.Tensor, key: torch.Tensor, tok: torch.Tensor, slot: torch.Tensor, qsum: torch.Tensor,
-         key_sum: torch.Tensor | None) -> bool:
-    """``UnitStore.fold_open`` for sum statistics, one layer: ``qsum[slot] +=`` each row's query summed over each
-    KV head's query group, ``key_sum[slot] +=`` its key. query ``[T, Hq, D]`` / key ``[T, Hk, D]`` (rows may be
-    strided views of the fused qkv output), tok / slot ``[R]``; qsum / key_sum ``[max_reqs, Hk, D]`` float32.
-    Returns False (nothing done) when the layout or dtype is one the kernel does not take."""
-    hk, d = qsum.shape[1], qsum.shape[2]
-    dtype = DTYPES.get(query.dtype)
-    if (dtype is None or key.dtype != query.dtype or query.stride(1) != d or query.stride(2) != 1
-            or key.stride(1) != d or key.stride(2) != 1 or query.shape[1] % hk):
-        return False
-    tok, slot = tok.long().contiguous(), slot.long().contiguous()
-    library().skv_fold(query.data_ptr(), query.stride(0), key.data_ptr(), key.stride(0), dtype, tok.data_ptr(),
-                       slot.data_ptr(), tok.numel(), hk, query.shape[1] // hk, d, qsum.data_ptr(),
-                       key_sum.data_ptr() if key_sum is not None else None, qsum.stride(0))
-    return True
+class Folder:
+    """``UnitStore.fold_open`` for sum statistics, one step's rows (every layer): ``qsum[slot] +=`` each row's
+    query summed over each KV head's query group, ``key_sum[slot] +=`` its key. The rows' token indices and slots
+    and the qkv layout are bound once per step (every layer's query / key are views of the same fused layout)."""
+
+    def __init__(self, tok: torch.Tensor, slot: torch.Tensor) -> None:
+        self._rows = (tok.long().contiguous(), slot.long().contiguous())
+        self._args: list | None = None
+        self._fn = library().skv_fold
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, qsum: torch.Tensor,
+                 key_sum: torch.Tensor | None) -> bool:
+        """query ``[T, Hq, D]`` / key ``[T, Hk, D]`` (rows may be strided views of the fused qkv output), qsum /
+        key_sum ``[max_reqs, Hk, D]`` float32 (one layer). Returns False, doing nothing, when the layout or dtype
+        is one the kernel does not take (the caller folds in torch)."""
+        args = self._args
+        if args is None or args[1] != query.stride(0) or args[3] != key.stride(0):
+            args = self._args = self._bind(query, key, qsum)
+            if args is None:
+                return False
+        args[0], args[2], args[11] = query.data_ptr(), key.data_ptr(), qsum.data_ptr()
+        args[12] = key_sum.data_ptr() if key_sum is not None else None
+        self._fn(*args)
+        return True
+
+    def _bind(self, query: torch.Tensor, key: torch.Tensor, qsum: torch.Tensor) -> list | None:
+        hk, d = qsum.shape[1], qsum.shape[2]
+        dtype = DTYPES.get(query.dtype)
+        if (dtype is None or key.dtype != query.dtype or query.stride(1) != d or query.stride(2) != 1
+                or key.stride(1) != d or key.stride(2) != 1 or query.shape[1] % hk or not qsum[0].is_contiguous()):
+            return None
+        tok, slot = self._rows
+        # skv_fold(q, q_row, k, k_row, dtype, tok, slot, R, H, G, D, qsum, ksum, row): 0, 2, 11, 12 vary per layer
+        return [None, query.stride(0), None, key.stride(0), dtype, tok.data_ptr(), slot.data_ptr(), tok.numel(),
+                hk, query.shape[1] // hk, d, None, None, qsum.stride(0)]
