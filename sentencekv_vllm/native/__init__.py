@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -50,9 +51,7 @@ def enabled() -> bool:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None (disabled, no compiler, build failed: logged once, the torch path runs)."""
-    from sentencekv_vllm.integration.log import get_logger
-
-    log = get_logger(__name__)
+    log = logging.getLogger(f"vllm.plugins.{__name__}")     # vLLM's handlers serve the ``vllm`` logger tree
     if not enabled():
         log.info("SentenceKV: native CPU kernels off (%s=0); the torch path runs", ENV)
         return None
