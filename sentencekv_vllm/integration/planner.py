@@ -156,7 +156,8 @@ def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     t0 = time.perf_counter()
     STATE.begin_step()
     num_reqs = cm.num_reqs
-    STATE.ensure_store(*model_dims(STATE.vllm_config), cm.seq_lens.device)
+    if STATE.store is None:     # reserved at start-up; reading the model config is not free (every step)
+        STATE.ensure_store(*model_dims(STATE.vllm_config), cm.seq_lens.device)
     qsl = cm.query_start_loc_cpu.tolist()
     seq_lens = cm.seq_lens.cpu().tolist()
     plan = StepPlan()
