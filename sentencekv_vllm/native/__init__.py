@@ -83,7 +83,9 @@ def _build() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:     # several workers may build at once: rename atomically
         out = Path(tmp) / path.name
-        subprocess.run([exe, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True, check=True)
+        done = subprocess.run([exe, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} {' '.join(FLAGS)} failed: {done.stderr.strip()[-400:]}")
         os.replace(out, path)
     return path
 

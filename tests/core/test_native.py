@@ -98,3 +98,15 @@ def test_fold_declines_layouts_it_does_not_take():
     qsum = torch.zeros(8, HK, D)
     assert not native.Folder(torch.tensor([0]), torch.tensor([1]))(query, key, qsum, None)
     assert qsum.abs().sum() == 0
+
+
+def test_a_failing_compiler_is_reported_with_its_message(tmp_path, monkeypatch):
+    """The build's error names the compiler's complaint (logged by ``library()``, which then runs the torch path)."""
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake-cc 1.0 && exit 0\n"
+                  "echo 'fatal: no room' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SENTENCEKV_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="fatal: no room"):
+        native._build()
