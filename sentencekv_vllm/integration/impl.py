@@ -134,10 +134,8 @@ class SentenceKVImplMixin:
         head's query group (the selection query) and the key statistics (closing and resetting are per step, in
         the planner)."""
         fold = plan.fold
-        if fold.native is not None:
-            key_sum = next(iter(store.open.values()), None)
-            if fold.native(query, key, store.qsum[layer_idx], key_sum[layer_idx] if key_sum is not None else None):
-                return
+        if fold.native is not None and fold.native(layer_idx, query, key):
+            return
         tok = fold.rows if fold.rows is not None else fold.tok
         q, k = query[tok], key[tok]
         q = q.view(q.shape[0], self.num_kv_heads, -1, self.head_size).sum(2, dtype=torch.float32)

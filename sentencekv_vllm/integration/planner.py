@@ -342,9 +342,10 @@ def _close_and_reset(fold: dict[str, list]) -> FoldRows:
     if reset:
         store.reset_open(torch.tensor(reset, device=dev))
     tok = torch.tensor(fold["tok"], device=dev)
-    sums_only = len(store.open) <= 1 and set(store.open_reduce.values()) <= {"sum"}
-    return FoldRows(tok=tok, slot=slot, rows=_as_slice(fold["tok"]),
-                    native=native.Folder(tok, slot) if sums_only and native.usable(slot) else None)
+    folder = None
+    if len(store.open) <= 1 and set(store.open_reduce.values()) <= {"sum"} and native.usable(slot):
+        folder = native.Folder(tok, slot, store.qsum, next(iter(store.open.values()), None))
+    return FoldRows(tok=tok, slot=slot, rows=_as_slice(fold["tok"]), native=folder)
 
 
 def _as_slice(toks: list[int]) -> slice | None:

@@ -145,31 +145,36 @@ class BlockSelector:
 
 
 class Folder:
-    """``UnitStore.fold_open`` for sum statistics, one step's rows (every layer): ``qsum[slot] +=`` each row's
-    query summed over each KV head's query group, ``key_sum[slot] +=`` its key. The rows' token indices and slots
-    and the qkv layout are bound once per step (every layer's query / key are views of the same fused layout)."""
+    """``UnitStore.fold_open`` for sum statistics, one step's rows (every layer): ``qsum[layer][slot] +=`` each
+    row's query summed over each KV head's query group, ``key_sum[layer][slot] +=`` its key. The rows' token indices
+    and slots, the store's tensors and the qkv layout are bound once per step (every layer's query / key are views
+    of the same fused layout)."""
 
-    def __init__(self, tok: torch.Tensor, slot: torch.Tensor) -> None:
+    def __init__(self, tok: torch.Tensor, slot: torch.Tensor, qsum: torch.Tensor,
+                 key_sum: torch.Tensor | None) -> None:
+        """qsum / key_sum: the store's ``[L, max_reqs, Hk, D]`` float32 sums (key_sum None: no key statistic)."""
         self._rows = (tok.long().contiguous(), slot.long().contiguous())
+        self._sums = (qsum, key_sum)
         self._args: list | None = None
         self._fn = library().skv_fold
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, qsum: torch.Tensor,
-                 key_sum: torch.Tensor | None) -> bool:
-        """query ``[T, Hq, D]`` / key ``[T, Hk, D]`` (rows may be strided views of the fused qkv output), qsum /
-        key_sum ``[max_reqs, Hk, D]`` float32 (one layer). Returns False, doing nothing, when the layout or dtype
-        is one the kernel does not take (the caller folds in torch)."""
+    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> bool:
+        """query ``[T, Hq, D]`` / key ``[T, Hk, D]`` of one layer (rows may be strided views of the fused qkv
+        output). Returns False, doing nothing, when the layout or dtype is one the kernel does not take (the
+        caller folds in torch)."""
         args = self._args
         if args is None or args[1] != query.stride(0) or args[3] != key.stride(0):
-            args = self._args = self._bind(query, key, qsum)
+            args = self._args = self._bind(query, key)
             if args is None:
                 return False
-        args[0], args[2], args[11] = query.data_ptr(), key.data_ptr(), qsum.data_ptr()
-        args[12] = key_sum.data_ptr() if key_sum is not None else None
+        qsum, key_sum = self._sums
+        args[0], args[2], args[11] = query.data_ptr(), key.data_ptr(), qsum[layer].data_ptr()
+        args[12] = key_sum[layer].data_ptr() if key_sum is not None else None
         self._fn(*args)
         return True
 
-    def _bind(self, query: torch.Tensor, key: torch.Tensor, qsum: torch.Tensor) -> list | None:
+    def _bind(self, query: torch.Tensor, key: torch.Tensor) -> list | None:
+        qsum = self._sums[0][0]
         hk, d = qsum.shape[1], qsum.shape[2]
         dtype = DTYPES.get(query.dtype)
         if (dtype is None or key.dtype != query.dtype or query.stride(1) != d or query.stride(2) != 1

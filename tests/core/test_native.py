@@ -87,7 +87,7 @@ def test_fold_matches_torch_bit_for_bit(dtype):
     for _ in range(3):     # several steps: sums keep accumulating
         q = query[tok].view(rows, HK, -1, D).sum(2, dtype=torch.float32)
         torch_store.fold_open(1, slot, q, key[tok].float())
-        assert native.Folder(tok, slot)(query, key, native_store.qsum[1], native_store.open["key_sum"][1])
+        assert native.Folder(tok, slot, native_store.qsum, native_store.open["key_sum"])(1, query, key)
     assert torch.equal(native_store.qsum, torch_store.qsum)
     assert torch.equal(native_store.open["key_sum"], torch_store.open["key_sum"])
 
@@ -95,8 +95,8 @@ def test_fold_matches_torch_bit_for_bit(dtype):
 def test_fold_declines_layouts_it_does_not_take():
     query = torch.randn(4, HQ, D).transpose(0, 1).contiguous().transpose(0, 1)     # heads not contiguous
     key = torch.randn(4, HK, D)
-    qsum = torch.zeros(8, HK, D)
-    assert not native.Folder(torch.tensor([0]), torch.tensor([1]))(query, key, qsum, None)
+    qsum = torch.zeros(1, 8, HK, D)
+    assert not native.Folder(torch.tensor([0]), torch.tensor([1]), qsum, None)(0, query, key)
     assert qsum.abs().sum() == 0
 
 
