@@ -113,11 +113,12 @@ class SentenceKVConfig(BaseModel):
         "by the stock paged kernel (no copy; `budget // block_size` blocks per KV head); `exact`: exactly the "
         "chosen tokens, gathered and attended with an exact softmax (the reference; slower); `auto`: `paged` "
         f"where the backend supports it and the budget spans >= {PAGED_MIN_BLOCKS} blocks, else `exact`."))
-    dense_below: float = Field(2.0, ge=1, description=(
+    dense_below: float = Field(2.5, ge=1, description=(
         "A decode row attends sparsely once its context reaches `dense_below x budget` tokens (and exceeds the "
         "budget); below that the stock kernel attends the whole context, because selection there skips too little "
-        "to pay for its own cost (docs/eval/perf). `1` = sparse as soon as the context exceeds the budget. Per "
-        "request: `vllm_xargs.sentencekv_dense_below`."))
+        "to pay for its own cost: on CPU sparse pays from ~2.5x the budget for a single stream and from ~2x at "
+        "batch 8 (docs/eval/perf). `1` = sparse as soon as the context exceeds the budget. Per request: "
+        "`vllm_xargs.sentencekv_dense_below`."))
     stats: bool = Field(True, description=(
         "Collect per-step statistics (attended tokens, selection time) for metrics."))
     trace_requests: int = Field(0, ge=0, le=MAX_TRACE_REQUESTS, description=(

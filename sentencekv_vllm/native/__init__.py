@@ -1,4 +1,5 @@
-"""Native CPU kernels for the per-layer decode bookkeeping: paged block selection and the running-sum fold.
+"""Native CPU kernels for the per-layer decode bookkeeping: paged block selection and the running-sum fold; and
+the host tier's spill on CPU (rows copied straight into the host slots).
 
 Why: a served CPU worker runs one OpenMP thread (vLLM keeps a core for the scheduler) and every layer's weights
 evict the caches, so each torch op of the paged selection pays a dispatch and a cold read: measured in
@@ -41,6 +42,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "skv_select_blocks": [_P, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P],
     "skv_fold": [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I, _I, _I, _I, _P, _P, _I],
+    "skv_copy_rows": [_P, _P, _I, _P, _P, _I, _I],
 }
 
 
@@ -184,3 +186,25 @@ class Folder:
         # skv_fold(q, q_row, k, k_row, dtype, tok, slot, R, H, G, D, qsum, ksum, row): 0, 2, 11, 12 vary per layer
         return [None, query.stride(0), None, key.stride(0), dtype, tok.data_ptr(), slot.data_ptr(), tok.numel(),
                 hk, query.shape[1] // hk, d, None, None, qsum.stride(0)]
+
+
+class RowCopier:
+    """Row ``src[i]`` of every layer's ``sources`` tensor into row ``dst[i]`` of that layer's ``targets`` tensor,
+    every layer in one call (the host tier's spill on CPU: device cache blocks into host slots, no staging buffer
+    and no temporary). The layers' base pointers are bound once."""
+
+    def __init__(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        row_bytes = {t[0].numel() * t.element_size() for t in [*targets, *sources]}
+        if len(row_bytes) != 1 or not all(t.is_contiguous() for t in [*targets, *sources]):
+            raise ValueError("RowCopier needs contiguous tensors with rows of one size")
+        layers = len(targets)
+        self._ptrs = ((ctypes.c_void_p * layers)(*[t.data_ptr() for t in targets]),
+                      (ctypes.c_void_p * layers)(*[t.data_ptr() for t in sources]))
+        self._layers, self._row_bytes = layers, row_bytes.pop()
+        self._fn = library().skv_copy_rows
+
+    def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst`` / ``src`` ``[n]`` int64 row indices (CPU)."""
+        dst, src = dst.long().contiguous(), src.long().contiguous()
+        self._fn(ctypes.cast(self._ptrs[0], _P), ctypes.cast(self._ptrs[1], _P), self._layers, dst.data_ptr(),
+                 src.data_ptr(), dst.numel(), self._row_bytes)

@@ -3,6 +3,7 @@
  * skv_select_blocks: core/blocks.py's paged selection (score units, block scores, rank, top-k, ascending order,
  *                    head-split block tables) for the sentencekv policy (unit score = query sum . centroid).
  * skv_fold:          UnitStore.fold_open for sum statistics (the open sentence's query and key sums).
+ * skv_copy_rows:     the host tier's spill on CPU: device cache rows straight into host slots, every layer.
  *
  * Every row and head is computed on its own, in a fixed order: a row's result never depends on the batch.
  */
@@ -126,5 +127,16 @@ void skv_fold(const void *q, int64_t q_row, const void *k, int64_t k_row, int dt
             float *ks = ksum + slot[r] * row;
             for (int64_t i = 0; i < H * D; i++) ks[i] += load(k, t * k_row + i, dtype);
         }
+    }
+}
+
+/* The host tier's spill on CPU (HostPool.spill): row src_rows[i] of every layer's device cache into row dst_rows[i]
+ * of that layer's host pool, one memcpy per (layer, row) -- no staging buffer, no temporary. */
+void skv_copy_rows(void *const *dst, void *const *src, int64_t layers, const int64_t *dst_rows,
+                   const int64_t *src_rows, int64_t n, int64_t row_bytes) {
+    for (int64_t l = 0; l < layers; l++) {
+        char *d = (char *)dst[l];
+        const char *s = (const char *)src[l];
+        for (int64_t i = 0; i < n; i++) memcpy(d + dst_rows[i] * row_bytes, s + src_rows[i] * row_bytes, row_bytes);
     }
 }

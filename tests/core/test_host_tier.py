@@ -1,5 +1,5 @@
-"""#15.6: the host tier's worker side on plain tensors (CPU; the CUDA stream path shares every step but the
-stream): deferred spills, token reads that move only the host-resident tokens, hot-set remapping of all rows."""
+"""#15.6: the host tier's worker side on plain tensors (CPU): spills (the native row copy and the torch fallback),
+token reads that move only the host-resident tokens, hot-set remapping of all rows."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from sentencekv_vllm import native
 from sentencekv_vllm.integration.kv_layout import BlockLayout
 from sentencekv_vllm.integration.tier.host_pool import HostPool, apply_spills
 from sentencekv_vllm.integration.tier.host_reads import host_tables, make_resident, read_host_tokens
@@ -24,11 +25,22 @@ def caches() -> dict[str, torch.Tensor]:
             for i in range(LAYERS)}
 
 
+@pytest.fixture(params=["native", "torch"])
+def copy_path(request, monkeypatch) -> str:
+    """Spills through the native row copy (CPU, compiler present) or the torch ``index_copy_`` fallback."""
+    if request.param == "torch":
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    elif native.library() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    return request.param
+
+
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the_read(contiguous):
+def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the_read(contiguous, copy_path):
     kv = caches()
     truth = {name: c.clone() for name, c in kv.items()}
     host = HostPool(kv, capacity=4)
+    assert (host._copier is not None) == (copy_path == "native")
     host.spill([Spill("a", 0, 5, 2, False), Spill("a", 1, 6, 0, False)])
     for c in kv.values():
         c[5:7] = -1.0                                    # the scheduler gave blocks 5 and 6 to someone else
@@ -47,7 +59,7 @@ def test_spill_lands_in_host_slots_even_if_the_device_block_is_reused_before_the
     assert host.bytes_out == 2 * LAYERS * HK * BS * 2 * D * 4
 
 
-def test_two_spills_before_a_read_both_land():
+def test_two_spills_before_a_read_both_land(copy_path):
     kv = caches()
     truth = {name: c.clone() for name, c in kv.items()}
     host = HostPool(kv, capacity=4)

@@ -25,7 +25,7 @@ def additional_config(section: dict) -> tuple[str, str]:
 # The shared server (tests/e2e/shared/): 32-token blocks so `attention: auto` takes the paged path at the default
 # budget (16 blocks) and the exact path for per-request budgets under 8 blocks (< 256 tokens), and traced rows.
 # `dense_below: 1` (here and on the other sentence servers): sparse as soon as the context exceeds the budget, so
-# the short CI prompts exercise selection; the default (2) is sent per request by test_serve's dense-below test.
+# the short CI prompts exercise selection; test_serve's dense-below test sends 2 per request.
 SHARED = {"budget": 512, "trace_requests": 0, "dense_below": 1.0}
 SHARED_ARGS = (*F32, "--max-model-len", "8192", "--max-num-seqs", "16", "--block-size", "32")
 

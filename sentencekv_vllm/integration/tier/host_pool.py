@@ -8,7 +8,13 @@ freed block can be overwritten.
 On CUDA the device->host copies run on a side stream into pinned staging buffers, one layer after the other; the
 forward's stream waits for them on the device (an event), the Python thread does not. The staged blocks are
 scattered into their host slots when the host pool is next read (:meth:`HostPool.layer`, :meth:`HostPool.load`) or
-spilled to. On CPU the same path runs without streams.
+spilled to. On CPU host and device are the same RAM: the blocks are copied straight into their host slots (one
+native pass over every layer's rows, ``native.RowCopier``; ``index_copy_`` per layer without it). A staging buffer
+there was a second copy of every spilled byte and fresh memory to fault in whenever it grew.
+
+Host slots are reused most recently freed first (``tier/scheduler.py``), so a served worker faults a slot's pages
+in once, at its first spill; on CPU that first touch is most of a first spill's cost (measured in
+``docs/eval/perf/README.md``, twelfth session).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from sentencekv_vllm import native
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import flat_blocks
@@ -39,6 +46,7 @@ class HostPool:
         self._stream = torch.cuda.Stream() if self.cuda else None
         self._staging: list[torch.Tensor] = []
         self._pending: tuple[Any, torch.Tensor, int] | None = None     # (copies-done event, host slots, count)
+        self._copier = native.RowCopier(self.pool, self.device_flat) if native.usable(*self.pool) else None
 
     def spill(self, spills: list[Spill]) -> None:
         """Copy device blocks to host slots, every layer, before this step's forward can reuse those blocks."""
@@ -48,23 +56,29 @@ class HostPool:
         n = len(spills)
         src = torch.tensor([s.block for s in spills], dtype=torch.long)
         dst = torch.tensor([s.slot for s in spills], dtype=torch.long)
-        self._fit_staging(n)
-        done = None
-        if self._stream is None:
-            for dev, staged in zip(self.device_flat, self._staging, strict=True):
-                torch.index_select(dev, 0, src, out=staged[:n])
-        else:
-            main = torch.cuda.current_stream()
-            self._stream.wait_stream(main)          # the blocks' KV was written by earlier work on the main stream
-            with torch.cuda.stream(self._stream):
-                src_dev = src.to(self.device_flat[0].device, non_blocking=True)
-                for dev, staged in zip(self.device_flat, self._staging, strict=True):
-                    staged[:n].copy_(dev.index_select(0, src_dev), non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self._stream)
-            main.wait_event(done)                   # the forward may overwrite the freed blocks only after this
-        self._pending = (done, dst, n)
         self.bytes_out += n * sum(p.shape[1] * p.element_size() for p in self.pool)
+        if not self.cuda:
+            self._copy_in_place(dst, src)
+            return
+        self._fit_staging(n)
+        main = torch.cuda.current_stream()
+        self._stream.wait_stream(main)              # the blocks' KV was written by earlier work on the main stream
+        with torch.cuda.stream(self._stream):
+            src_dev = src.to(self.device_flat[0].device, non_blocking=True)
+            for dev, staged in zip(self.device_flat, self._staging, strict=True):
+                staged[:n].copy_(dev.index_select(0, src_dev), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        main.wait_event(done)                       # the forward may overwrite the freed blocks only after this
+        self._pending = (done, dst, n)
+
+    def _copy_in_place(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """CPU: device blocks ``src`` straight into host slots ``dst``, every layer, before this step's forward."""
+        if self._copier is not None:
+            self._copier(dst, src)
+            return
+        for dev, host in zip(self.device_flat, self.pool, strict=True):
+            host.index_copy_(0, dst, dev.index_select(0, src))
 
     def layer(self, layer: int) -> torch.Tensor:
         """Host copies of one layer, ``[slots, block_numel]``, with every spill so far in place."""
@@ -98,17 +112,16 @@ class HostPool:
             return
         done, dst, n = self._pending
         self._pending = None
-        if done is not None:
-            done.synchronize()
+        done.synchronize()
         for host, staged in zip(self.pool, self._staging, strict=True):
             host[dst] = staged[:n]
 
     def _fit_staging(self, n: int) -> None:
-        """Staging rows for ``n`` blocks per layer (pinned on CUDA; grown, never shrunk)."""
+        """Pinned staging rows for ``n`` blocks per layer (CUDA; grown, never shrunk)."""
         if self._staging and self._staging[0].shape[0] >= n:
             return
         rows = max(n, 2 * self._staging[0].shape[0] if self._staging else 16)
-        self._staging = [torch.empty((rows, p.shape[1]), dtype=p.dtype, pin_memory=self.cuda) for p in self.pool]
+        self._staging = [torch.empty((rows, p.shape[1]), dtype=p.dtype, pin_memory=True) for p in self.pool]
 
 
 def apply_spills(host: HostPool, spills: list[Spill], requests: dict[str, Any],
