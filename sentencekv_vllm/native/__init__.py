@@ -1,5 +1,5 @@
 """Native CPU kernels for the per-layer decode bookkeeping: paged block selection and the running-sum fold; and
-the host tier's spill on CPU (rows copied straight into the host slots).
+the host tier's spill (rows copied straight into the host slots) and hot-set resolution on CPU.
 
 Why: a served CPU worker runs one OpenMP thread (vLLM keeps a core for the scheduler) and every layer's weights
 evict the caches, so each torch op of the paged selection pays a dispatch and a cold read: measured in
@@ -43,6 +43,8 @@ _SIGNATURES = {
     "skv_select_blocks": [_P, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P],
     "skv_fold": [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I, _I, _I, _I, _P, _P, _I],
     "skv_copy_rows": [_P, _P, _I, _P, _P, _I, _I],
+    "skv_hot_resolve": [_P, _I, _P, _P, _I, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P,
+                        _P, _P],
 }
 
 
@@ -208,3 +210,30 @@ class RowCopier:
         dst, src = dst.long().contiguous(), src.long().contiguous()
         self._fn(ctypes.cast(self._ptrs[0], _P), ctypes.cast(self._ptrs[1], _P), self._layers, dst.data_ptr(),
                  src.data_ptr(), dst.numel(), self._row_bytes)
+
+
+def hot_resolve(rows: torch.Tensor, logical: torch.Tensor, valid: torch.Tensor, host_slots: torch.Tensor,
+                num_kv_heads: int, step: int, block_ids: torch.Tensor, holds: torch.Tensor, last: torch.Tensor,
+                dev_rows: torch.Tensor, host_rows: torch.Tensor, entries: torch.Tensor,
+                host_tab: torch.Tensor) -> tuple[int, int, int]:
+    """``HotSets.resolve`` and ``make_resident``'s remap for one layer in one call (``kernels.c``,
+    ``skv_hot_resolve``): ``rows`` ``[R]`` request slots, ``logical`` / ``valid`` ``[R, Hk, N]`` the selected
+    logical blocks per KV head, ``host_slots`` ``[R, M]``; the layer's ``holds`` / ``last`` ``[slots, H]`` and the
+    step's ``entries`` / ``host_tab`` ``[R, Hk * M]`` are updated in place, swap-ins copied from ``host_rows`` to
+    ``dev_rows`` (one head slice per row). Every tensor on CPU and contiguous. Returns (hits, misses, loaded)."""
+    r = rows.numel()
+    k = num_kv_heads * host_slots.shape[1]
+    h = block_ids.shape[1]
+    logical, valid = logical.reshape(r, -1).long().contiguous(), valid.reshape(r, -1).contiguous()
+    rows = rows.long().contiguous()
+    count, marks = torch.empty(k, dtype=torch.int32), torch.empty(2, k, dtype=torch.uint8)
+    top, victims, stats = torch.empty(logical.shape[1], dtype=torch.long), torch.empty(h, dtype=torch.long), \
+        torch.zeros(3, dtype=torch.long)
+    library().skv_hot_resolve(
+        rows.data_ptr(), r, logical.data_ptr(), valid.data_ptr(), logical.shape[1], host_slots.data_ptr(),
+        host_slots.shape[1], num_kv_heads, step, block_ids.data_ptr(), h, holds.data_ptr(), last.data_ptr(),
+        dev_rows.data_ptr(), host_rows.data_ptr(), dev_rows.shape[1] * dev_rows.element_size(), entries.data_ptr(),
+        host_tab.data_ptr(), count.data_ptr(), marks[0].data_ptr(), marks[1].data_ptr(), top.data_ptr(),
+        victims.data_ptr(), stats.data_ptr())
+    hits, misses, loaded = stats.tolist()
+    return hits, misses, loaded

@@ -4,6 +4,7 @@
  *                    head-split block tables) for the sentencekv policy (unit score = query sum . centroid).
  * skv_fold:          UnitStore.fold_open for sum statistics (the open sentence's query and key sums).
  * skv_copy_rows:     the host tier's spill on CPU: device cache rows straight into host slots, every layer.
+ * skv_hot_resolve:   the host tier's hot-set resolution and swap-in for one layer (tier/hotset.py, host_reads.py).
  *
  * Every row and head is computed on its own, in a fixed order: a row's result never depends on the batch.
  */
@@ -138,5 +139,92 @@ void skv_copy_rows(void *const *dst, void *const *src, int64_t layers, const int
         char *d = (char *)dst[l];
         const char *s = (const char *)src[l];
         for (int64_t i = 0; i < n; i++) memcpy(d + dst_rows[i] * row_bytes, s + src_rows[i] * row_bytes, row_bytes);
+    }
+}
+
+/* hotset.HotSets.resolve + host_reads.make_resident for one layer, every row: the step's selected host keys
+ * (key = logical block * Hk + KV head) ranked by selected count (ties: lower key), the top ones made resident in
+ * the row's hot entries (misses copied, one head slice each, into the entries holding no top key: least recently
+ * used first, ties by entry order), then the rows' tables remapped to the entries now holding their keys.
+ *
+ * rows [R] request slots; logical / valid [R, N] (N = Hk * selected per head, head-major); host_slots [R, M] host
+ * slot of each logical block (-1 on the device); block_ids [slots, H] hot entries (p * Hk + s, -1 none); holds /
+ * last [slots, H] this layer's key held (-1 none) and step of last use, updated in place; dev / host: the layer's
+ * device cache and host pool as rows of one head slice (``slice_bytes``): device row = entry, host row =
+ * slot * Hk + head. entries / host_tab [R, Hk * M] (copies of the step's tables) are remapped in place. Workspaces:
+ * count [Hk * M] int32, mark / tmark [Hk * M] bytes, top [N] keys, victims [H]. stats[0..3) += hits, misses,
+ * loaded. */
+static void rank_keys(int64_t *keys, int64_t n, const int32_t *count) {
+    for (int64_t i = 1; i < n; i++) {           /* insertion sort: count descending, then key ascending */
+        const int64_t v = keys[i];
+        int64_t j = i;
+        while (j > 0 && (count[keys[j - 1]] < count[v] || (count[keys[j - 1]] == count[v] && keys[j - 1] > v))) {
+            keys[j] = keys[j - 1];
+            j--;
+        }
+        keys[j] = v;
+    }
+}
+
+void skv_hot_resolve(const int64_t *rows, int64_t R, const int64_t *logical, const uint8_t *valid, int64_t N,
+                     const int64_t *host_slots, int64_t M, int64_t Hk, int64_t step, const int64_t *block_ids,
+                     int64_t H, int64_t *holds, int64_t *last, char *dev, const char *host, int64_t slice_bytes,
+                     int64_t *entries, int64_t *host_tab, int32_t *count, uint8_t *mark, uint8_t *tmark,
+                     int64_t *top, int64_t *victims, int64_t *stats) {
+    const int64_t K = Hk * M;
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t slot = rows[r];
+        const int64_t *ids = block_ids + slot * H;
+        int64_t *hold = holds + slot * H, *lst = last + slot * H;
+        const int64_t *hs = host_slots + r * M;
+        memset(count, 0, K * sizeof *count);
+        memset(mark, 0, K);
+        memset(tmark, 0, K);
+        for (int64_t i = 0; i < N; i++) {
+            if (!valid[r * N + i]) continue;
+            const int64_t b = logical[r * N + i], h = i / (N / Hk);
+            if (hs[b] >= 0) count[b * Hk + h]++;
+        }
+        int64_t size = 0;
+        for (int64_t e = 0; e < H; e++) {
+            if (ids[e] < 0) continue;
+            size++;
+            if (hold[e] >= 0 && hold[e] < K) mark[hold[e]] = 1;
+        }
+        int64_t n = 0;
+        for (int64_t key = 0; key < K; key++) {
+            if (count[key] <= 0) continue;
+            top[n++] = key;
+            stats[0] += mark[key];
+            if (size) stats[1] += !mark[key];
+        }
+        for (int64_t e = 0; e < H; e++)
+            if (ids[e] >= 0 && hold[e] < K && count[hold[e] < 0 ? 0 : hold[e]] > 0) lst[e] = step;
+        rank_keys(top, n, count);
+        const int64_t ntop = n < size ? n : size;      /* size <= H, and H <= K whenever entries exist */
+        for (int64_t j = 0; j < ntop; j++) tmark[top[j]] = 1;
+        int64_t nv = 0;
+        for (int64_t e = 0; e < H; e++) {               /* entries holding no top key, least recently used first */
+            if (ids[e] < 0 || (hold[e] < K && tmark[hold[e] < 0 ? 0 : hold[e]])) continue;
+            int64_t j = nv++;
+            while (j > 0 && lst[victims[j - 1]] > lst[e]) { victims[j] = victims[j - 1]; j--; }
+            victims[j] = e;
+        }
+        int64_t used = 0;
+        for (int64_t j = 0; j < ntop; j++) {
+            const int64_t key = top[j];
+            if (mark[key]) continue;
+            const int64_t e = victims[used++];
+            memcpy(dev + ids[e] * slice_bytes, host + (hs[key / Hk] * Hk + key % Hk) * slice_bytes, slice_bytes);
+            hold[e] = key;
+            lst[e] = step;
+            stats[2]++;
+        }
+        for (int64_t e = 0; e < H; e++) {
+            if (ids[e] < 0 || hold[e] < 0 || hold[e] >= K) continue;
+            const int64_t col = (hold[e] % Hk) * M + hold[e] / Hk;
+            entries[r * K + col] = ids[e];
+            host_tab[r * K + col] = -1;
+        }
     }
 }

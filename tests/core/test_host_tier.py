@@ -154,3 +154,52 @@ def test_make_resident_remaps_each_heads_resident_blocks_for_every_row():
     assert host_tab[1, 0, 1].item() == host_tab[1, 1, 1].item() == -1
     assert host_tab[1, 2, 1].item() == 1                          # head 2's slice of block 1 went back to the host
     torch.testing.assert_close(kv[sorted(kv)[0]][7, 2], host.layer(0)[2].view(HK, BS, 2 * D)[0], rtol=0, atol=0)
+
+
+def _tier_world(seed: int):
+    """Two rows (request slots 0 and 2) with six logical blocks each, four / three of them on the host, and two /
+    one hot blocks; the host slots hold random KV (spilled from spare device blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = {f"model.layers.{i}.self_attn.attn": torch.randn(16, HK, BS, 2 * D, generator=gen) for i in range(LAYERS)}
+    host = HostPool(kv, capacity=8)
+    host.spill([Spill("x", 0, 13 + i % 3, i, False) for i in range(8)])
+    for c in kv.values():
+        c[13:] = torch.randn(3, HK, BS, 2 * D, generator=gen)
+    hot = HotSets(LAYERS, 3, torch.device("cpu"), HK)
+    hot.add(0, 10, 3)
+    hot.add(0, 11, 4)
+    hot.add(2, 12, 3)
+    reqs = [SimpleNamespace(host_map={1: 0, 2: 1, 3: 2, 4: 3}), SimpleNamespace(host_map={1: 4, 2: 5, 3: 6})]
+    tables = host_tables(reqs, torch.tensor([[0, 9, 9, 9, 9, 1], [2, 9, 9, 9, 3, 4]]), HK)
+    layout = BlockLayout.probe(write_cpu_like, kv[sorted(kv)[0]], BS, HK, D)
+    return kv, host, hot, tables, layout
+
+
+def test_native_hot_set_resolution_matches_torch(monkeypatch):
+    """Twelve steps of random selections (counts per block, invalid slots, blocks on the device and the host),
+    every layer: the native resolution swaps in the same head slices, leaves the same hot-set state and returns
+    the same tables and hit / miss / load counts as the torch code."""
+    if native.library() is None:
+        pytest.skip("no C compiler: the native kernels are not built")
+    worlds = {"native": _tier_world(0), "torch": _tier_world(0)}
+    counts: dict[str, list] = {"native": [], "torch": []}
+    gen = torch.Generator().manual_seed(1)
+    for step in range(12):
+        logical = torch.randint(0, 6, (2, HK, 5), generator=gen)
+        valid = torch.rand(2, HK, 5, generator=gen) < 0.8
+        out = {}
+        for path, (_kv, host, hot, tables, layout) in worlds.items():
+            with monkeypatch.context() as m:
+                m.setattr("sentencekv_vllm.integration.metrics.observe_hot_set",
+                          lambda *a, path=path: counts[path].append(a))
+                if path == "torch":
+                    m.setattr(native, "usable", lambda *tensors: False)
+                out[path] = [make_resident(host, hot, layout, layer, step, torch.tensor([0, 2]), tables,
+                                           logical, valid) for layer in range(LAYERS)]
+        for (e_n, h_n), (e_t, h_t) in zip(out["native"], out["torch"], strict=True):
+            assert torch.equal(e_n, e_t) and torch.equal(h_n, h_t)
+        (kv_n, _, hot_n, _, _), (kv_t, _, hot_t, _, _) = worlds["native"], worlds["torch"]
+        assert torch.equal(hot_n.holds, hot_t.holds) and torch.equal(hot_n.last, hot_t.last)
+        assert all(torch.equal(kv_n[name], kv_t[name]) for name in kv_n)
+    assert counts["native"] == counts["torch"]
+    assert sum(c[2] for c in counts["torch"]) > 0            # swap-ins happened

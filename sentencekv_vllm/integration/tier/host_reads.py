@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from sentencekv_vllm import native
 from sentencekv_vllm.core.blocks import BlockPlan, head_entries
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.kv_layout import BlockLayout
@@ -65,6 +66,8 @@ def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, laye
     """
     if hot is None:
         return tables.entries, tables.per_head
+    if layout.heads_contiguous and native.usable(logical, host.pool[layer_idx]):
+        return _make_resident_native(host, hot, layer_idx, step, slots, tables, logical, valid)
     r, hk, n = logical.shape
     host_slots = tables.slots
     m = host_slots.shape[1]
@@ -87,6 +90,23 @@ def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, laye
     if hits or misses:
         slice_bytes = host.pool[layer_idx].shape[1] // hk * host.pool[layer_idx].element_size()
         metrics.observe_hot_set(hits, misses, loaded, loaded * slice_bytes)
+    return entries.view(r, hk, m), host_tab.view(r, hk, m)
+
+
+def _make_resident_native(host: HostPool, hot: HotSets, layer_idx: int, step: int, slots: torch.Tensor,
+                          tables: HostTables, logical: torch.Tensor, valid: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`make_resident` in one native call (CPU, each KV head's slice of a block contiguous): the same hot-set
+    policy, swap-ins and remapped tables as the torch code (``tests/core/test_native.py`` compares them)."""
+    r, hk, m = tables.entries.shape
+    entries, host_tab = tables.entries.reshape(r, hk * m).clone(), tables.per_head.reshape(r, hk * m).clone()
+    dev, pool = host.device_flat[layer_idx], host.layer(layer_idx)
+    hits, misses, loaded = native.hot_resolve(slots, logical, valid, tables.slots, hk, step, hot.block_ids,
+                                              hot.holds[layer_idx], hot.last[layer_idx],
+                                              dev.view(dev.shape[0] * hk, -1), pool.view(pool.shape[0] * hk, -1),
+                                              entries, host_tab)
+    if hits or misses:
+        metrics.observe_hot_set(hits, misses, loaded, loaded * pool.shape[1] // hk * pool.element_size())
     return entries.view(r, hk, m), host_tab.view(r, hk, m)
 
 
