@@ -119,7 +119,7 @@ class SentenceKVConnector(KVConnectorBase_V1):
         from sentencekv_vllm.integration.state import STATE
         from sentencekv_vllm.integration.tier.host_pool import HostPool
 
-        STATE.attach_host(HostPool(kv_caches, self.host_capacity))
+        STATE.attach_host(HostPool(kv_caches, self.host_capacity, prefault=self.cfg.host_prefault))
 
     def handle_preemptions(self, metadata: SentenceKVConnectorMetadata) -> None:
         if not self.tiered:

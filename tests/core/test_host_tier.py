@@ -203,3 +203,17 @@ def test_native_hot_set_resolution_matches_torch(monkeypatch):
         assert all(torch.equal(kv_n[name], kv_t[name]) for name in kv_n)
     assert counts["native"] == counts["torch"]
     assert sum(c[2] for c in counts["torch"]) > 0            # swap-ins happened
+
+
+def test_prefault_touches_the_whole_pool_at_start_up(monkeypatch):
+    """``host_prefault``: the pool is written page by page when it is built (and only then), before any spill."""
+    calls = []
+    monkeypatch.setattr(HostPool, "_fault_in", lambda self: calls.append(self))
+    HostPool(caches(), capacity=4)
+    host = HostPool(caches(), capacity=4, prefault=True)
+    assert calls == [host]
+    monkeypatch.undo()
+    for p in host.pool:
+        p.fill_(1.0)
+    host._fault_in()
+    assert all(int(p.count_nonzero()) == 0 for p in host.pool)

@@ -51,9 +51,9 @@ SMALL_POOL = {"budget": 512, "offload": "host", "hot_set_factor": 0.25, "dense_b
 DETERMINISM = {"budget": 256, "stats": False, "dense_below": 1.0}
 
 # Preemption with host blocks (tests/e2e/test_preemption.py); the paged path forced on a host-tier server;
-# per-request traces refused.
+# per-request traces refused; the host tier faulted in at start-up.
 PREEMPTION = {"budget": 256, "offload": "host", "host_pool_gib": 0.5, "hot_set_factor": 0.5, "attention": "paged",
-              "trace_per_request": False, "dense_below": 1.0}
+              "trace_per_request": False, "dense_below": 1.0, "host_prefault": True}
 
 # The quest baseline is a server-level policy (its units are pages): the eval smoke test
 # (tests/e2e/test_eval_smoke.py) starts a quest server and passes this section to every server it starts.

@@ -64,6 +64,7 @@ def test_preempted_sparse_requests_release_both_tiers_and_finish(model_path, tok
         time.sleep(2)
         idle = srv.metrics()
         health = client.with_options(timeout=10).models.list()
+        log = srv.log_text()
         with pytest.raises(openai.BadRequestError, match="trace_per_request"):    # opt-in traces are off here
             generate(client, "Hello", 2, 0, {"sentencekv_trace": True})
     print(json.dumps({"preemptions": metric(idle, "vllm:num_preemptions_total"),
@@ -75,4 +76,5 @@ def test_preempted_sparse_requests_release_both_tiers_and_finish(model_path, tok
     assert metric(idle, "vllm:kv_cache_usage_perc") == 0, "device blocks leaked"
     assert metric(idle, "sentencekv_host_blocks") == 0, "host blocks leaked"
     assert health.data, "server unhealthy after preemption"
+    assert "GiB faulted in at start-up" in log                    # host_prefault: the pool was touched at start-up
 

@@ -14,7 +14,7 @@ there was a second copy of every spilled byte and fresh memory to fault in whene
 
 Host slots are reused most recently freed first (``tier/scheduler.py``), so a served worker faults a slot's pages
 in once, at its first spill; on CPU that first touch is most of a first spill's cost (measured in
-``docs/eval/perf/README.md``, twelfth session).
+``docs/eval/perf/README.md``, twelfth session); ``host_prefault: true`` moves it to start-up.
 """
 
 from __future__ import annotations
@@ -28,13 +28,16 @@ from sentencekv_vllm import native
 from sentencekv_vllm.integration import metrics
 from sentencekv_vllm.integration.compat import layer_index
 from sentencekv_vllm.integration.kv_layout import flat_blocks
+from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.tier.messages import Spill
+
+logger = get_logger(__name__)
 
 
 class HostPool:
     """Host copies of device blocks, one flat ``[slots, block_numel]`` tensor per layer (pinned on CUDA)."""
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], capacity: int) -> None:
+    def __init__(self, kv_caches: dict[str, torch.Tensor], capacity: int, prefault: bool = False) -> None:
         self.device_flat = []
         self.pool = []
         self.cuda = next(iter(kv_caches.values())).is_cuda
@@ -47,6 +50,17 @@ class HostPool:
         self._staging: list[torch.Tensor] = []
         self._pending: tuple[Any, torch.Tensor, int] | None = None     # (copies-done event, host slots, count)
         self._copier = native.RowCopier(self.pool, self.device_flat) if native.usable(*self.pool) else None
+        if prefault and not self.cuda:
+            self._fault_in()
+
+    def _fault_in(self) -> None:
+        """``host_prefault``: touch every page of the pool now, so that no spill pays for first touches (a pinned
+        CUDA pool is resident already)."""
+        t0 = time.perf_counter()
+        for p in self.pool:
+            p.zero_()
+        gib = sum(p.numel() * p.element_size() for p in self.pool) / 2**30
+        logger.info("SentenceKV host tier: %.2f GiB faulted in at start-up in %.1f s", gib, time.perf_counter() - t0)
 
     def spill(self, spills: list[Spill]) -> None:
         """Copy device blocks to host slots, every layer, before this step's forward can reuse those blocks."""
