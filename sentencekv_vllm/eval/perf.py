@@ -11,7 +11,7 @@ turn), so a machine whose speed drifts during the run moves both sides alike; th
 variant and the range of the per-round ratios to stock.
 
     sentencekv-eval perf --out docs/eval/perf                     # 1x2k, 1x4k, 1x7.5k, 8x7.5k; tau = 1024
-    sentencekv-eval perf --points 1x7500,8x7500 --variants stock,sentencekv,exact,host
+    sentencekv-eval perf --points 1x7500,8x7500 --variants stock,sentencekv,exact,host,host-prefault
     sentencekv-eval perf --points 8x4000 --max-tokens 96 --vllm-bench    # + vLLM's own load generator
     sentencekv-eval perf --points 8x7500 --max-tokens 256 --pool-requests 2 --variants stock,host   # batch job
 
@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "dense": {"dense_below": 64.0},                      # SentenceKV's bookkeeping, every row on the stock kernel
     "exact": {"attention": "exact"},                     # token-exact gather + softmax (the reference path)
     "host": {"offload": "host", "host_pool_gib": 4.0},   # two-tier memory
+    "host-prefault": {"offload": "host", "host_pool_gib": 4.0, "host_prefault": True},   # pages touched at start-up
 }
 
 
