@@ -89,7 +89,8 @@ def add_decode_point_arguments(p: argparse.ArgumentParser, out: str, points: str
     p.add_argument("--model", help="model path (default: the packaged test model)")
     p.add_argument("--out", default=out)
     p.add_argument("--points", default=points, help="BATCHxPROMPT_TOKENS,...")
-    p.add_argument("--variants", default="stock,sentencekv", help="stock,sentencekv,forced,dense,exact,host,host-prefault")
+    p.add_argument("--variants", default="stock,sentencekv",
+                   help="stock,sentencekv,forced,dense,exact,host,host-prefault")
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=32)
 

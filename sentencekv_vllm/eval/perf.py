@@ -149,14 +149,17 @@ def vllm_bench(url: str, tokenizer_path: str, batch: int, length: int, max_token
 
 
 def prompts_for(tokenizer: Any, batch: int, length: int, salt: int) -> list[str]:
-    """``batch`` distinct prompts of ``length`` tokens from the packaged haystack (chat template applied)."""
+    """``batch`` distinct prompts of ``length`` tokens from the packaged haystack (chat template applied). Points of
+    different sizes draw from the same offsets, so the content starts with the point: a later point's prompt
+    must not hit the prefix cache with an earlier one's (that made TTFT and wall time of stock and SentenceKV, whose
+    prefix caching is on, look better than the host tier's, where it is off)."""
     from sentencekv_vllm import fixtures
 
     out = []
     for i in range(batch):
         text = fixtures.haystack_text(offset=10_000 + 97_000 * i + 13 * salt, n_chars=length * 6)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
-        content = tokenizer.decode(ids) + "\n\nContinue the text above."
+        content = f"Passage ({batch} x {length}):\n\n" + tokenizer.decode(ids) + "\n\nContinue the text above."
         out.append(tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                  add_generation_prompt=True))
     return out
@@ -197,8 +200,8 @@ def measure(model: str, tokenizer: Any, points: list[tuple[int, int]], variants:
                           f"ms ttft {mid['ttft_s']:.2f} s wall {mid['wall_s']:.1f} s decode "
                           f"{mid['decode_tok_s']:.1f} tok/s peak running {mid['peak_running']}", flush=True)
                     if rnd == 0:
-                        extras[variant][key]["ttft_repeat_s"] = repeat_ttft(client, prompts_for(tokenizer, 1, length,
-                                                                                                0)[0])
+                        extras[variant][key]["ttft_repeat_s"] = repeat_ttft(client, prompts_for(tokenizer, batch,
+                                                                                                length, 0)[0])
                     if bench and rnd == 0:
                         extras[variant][key]["vllm_bench"] = vb = vllm_bench(srv.url, model, batch, length, max_tokens)
                         print(f"{variant:>10} {key}: vllm bench serve {vb['output_throughput']:.2f} tok/s, "
