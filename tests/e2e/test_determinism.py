@@ -21,6 +21,9 @@ ARGS = ("--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "4096", "--
         "--block-size", "32", *SKV, *additional_config(DETERMINISM))
 
 
+ROUNDS = 3
+
+
 def changed_in_batch(client: openai.OpenAI, batch: list[str], **xargs) -> int:
     def run(p: str) -> str:
         return client.completions.create(model="smollm2", prompt=p, max_tokens=24, temperature=0,
@@ -39,9 +42,13 @@ def test_bf16_batch_changes_no_more_than_stock(model_path, tokenizer):
     with vllm_server(model_path, *ARGS, env={"SENTENCEKV_NATIVE": "0"}) as srv:
         assert "native CPU kernels off" in srv.log_text()
         client = openai.OpenAI(base_url=srv.v1, api_key="x", timeout=600)
-        stock = changed_in_batch(client, batch, sentencekv_policy="full")
-        skv = changed_in_batch(client, batch)
-    print(f"bf16 outputs changed inside a batch of {len(batch)}: stock attention {stock}, sentencekv {skv}")
-    # one sample of 7 prompts; the sparse path itself is batch-invariant (float32 identity tests), so what changes
-    # here comes from bf16 GEMMs shared by both policies: measured 0 vs 0 and 0 vs 1 (stock, sentencekv) in runs
-    assert skv <= stock + 1
+        stock, skv = [], []
+        for _ in range(ROUNDS):
+            stock.append(changed_in_batch(client, batch, sentencekv_policy="full"))
+            skv.append(changed_in_batch(client, batch))
+    print(f"bf16 outputs changed inside a batch of {len(batch)}, per round: stock attention {stock}, sentencekv {skv}")
+    # Which requests share a step differs from run to run, so one sample is noisy: the four short prompts (dense
+    # with both policies, the same kernels) change in some rounds and not in others (measured per round: stock 3, 4,
+    # 4 and sentencekv 3, 4, 3 changed outputs; one earlier single sample read 2 vs 4). The sparse path itself is
+    # batch-invariant (float32 identity tests); here it may change at most one more output per round on average.
+    assert sum(skv) <= sum(stock) + ROUNDS
