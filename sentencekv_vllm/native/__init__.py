@@ -195,14 +195,21 @@ class RowCopier:
     every layer in one call (the host tier's spill on CPU: device cache blocks into host slots, no staging buffer
     and no temporary). The layers' base pointers are bound once."""
 
+    @staticmethod
+    def fits(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> bool:
+        """Every tensor contiguous with rows of one byte size (what the copy assumes)."""
+        tensors = [*targets, *sources]
+        return (len(targets) == len(sources) and all(t.is_contiguous() for t in tensors)
+                and len({t[0].numel() * t.element_size() for t in tensors}) == 1)
+
     def __init__(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-        row_bytes = {t[0].numel() * t.element_size() for t in [*targets, *sources]}
-        if len(row_bytes) != 1 or not all(t.is_contiguous() for t in [*targets, *sources]):
+        if not self.fits(targets, sources):
             raise ValueError("RowCopier needs contiguous tensors with rows of one size")
+        row_bytes = targets[0][0].numel() * targets[0].element_size()
         layers = len(targets)
         self._ptrs = ((ctypes.c_void_p * layers)(*[t.data_ptr() for t in targets]),
                       (ctypes.c_void_p * layers)(*[t.data_ptr() for t in sources]))
-        self._layers, self._row_bytes = layers, row_bytes.pop()
+        self._layers, self._row_bytes = layers, row_bytes
         self._fn = library().skv_copy_rows
 
     def __call__(self, dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -110,3 +110,12 @@ def test_a_failing_compiler_is_reported_with_its_message(tmp_path, monkeypatch):
     monkeypatch.setenv("SENTENCEKV_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="fatal: no room"):
         native._build()
+
+
+def test_row_copier_takes_only_rows_of_one_size():
+    """The host pool falls back to ``index_copy_`` when the copy's layout assumption does not hold."""
+    rows = torch.zeros(4, 8)
+    assert native.RowCopier.fits([rows], [torch.zeros(6, 8)])
+    assert not native.RowCopier.fits([rows], [torch.zeros(6, 4)])                       # other row size
+    assert not native.RowCopier.fits([rows], [torch.zeros(8, 6).t()])                     # not contiguous
+    assert not native.RowCopier.fits([rows, rows], [rows])                                # layers differ

@@ -49,7 +49,8 @@ class HostPool:
         self._stream = torch.cuda.Stream() if self.cuda else None
         self._staging: list[torch.Tensor] = []
         self._pending: tuple[Any, torch.Tensor, int] | None = None     # (copies-done event, host slots, count)
-        self._copier = native.RowCopier(self.pool, self.device_flat) if native.usable(*self.pool) else None
+        fits = native.usable(*self.pool) and native.RowCopier.fits(self.pool, self.device_flat)
+        self._copier = native.RowCopier(self.pool, self.device_flat) if fits else None
         if prefault and not self.cuda:
             self._fault_in()
 
