@@ -66,8 +66,22 @@ def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, laye
     """
     if hot is None:
         return tables.entries, tables.per_head
-    if layout.heads_contiguous and native.usable(logical, host.pool[layer_idx]):
-        return _make_resident_native(host, hot, layer_idx, step, slots, tables, logical, valid)
+    resolve = _resolve_native if layout.heads_contiguous and native.usable(logical, host.pool[layer_idx]) \
+        else _resolve_torch
+    entries, host_tab, hits, misses, loaded = resolve(host, hot, layout, layer_idx, step, slots, tables, logical,
+                                                      valid)
+    if hits or misses:
+        pool = host.pool[layer_idx]
+        slice_bytes = pool.shape[1] // logical.shape[1] * pool.element_size()     # one KV head of a block
+        metrics.observe_hot_set(hits, misses, loaded, loaded * slice_bytes)
+    return entries, host_tab
+
+
+def _resolve_torch(host: HostPool, hot: HotSets, layout: BlockLayout, layer_idx: int, step: int,
+                   slots: torch.Tensor, tables: HostTables, logical: torch.Tensor,
+                   valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """:func:`make_resident` in torch ops (``HotSets.resolve``, then the tables remapped): the reference, and
+    the path on CUDA. Returns the tables and the hit / miss / load counts."""
     r, hk, n = logical.shape
     host_slots = tables.slots
     m = host_slots.shape[1]
@@ -87,17 +101,14 @@ def make_resident(host: HostPool, hot: HotSets | None, layout: BlockLayout, laye
         col = torch.where(held >= 0, (held % hk) * m + held // hk, hk * m)    # key b*Hk+h -> column h*M+b
         entries = _pad_column(entries).scatter_(1, col, ids)[:, :hk * m]
         host_tab = _pad_column(host_tab).scatter_(1, col, -1)[:, :hk * m]
-    if hits or misses:
-        slice_bytes = host.pool[layer_idx].shape[1] // hk * host.pool[layer_idx].element_size()
-        metrics.observe_hot_set(hits, misses, loaded, loaded * slice_bytes)
-    return entries.view(r, hk, m), host_tab.view(r, hk, m)
+    return entries.view(r, hk, m), host_tab.view(r, hk, m), hits, misses, loaded
 
 
-def _make_resident_native(host: HostPool, hot: HotSets, layer_idx: int, step: int, slots: torch.Tensor,
-                          tables: HostTables, logical: torch.Tensor, valid: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`make_resident` in one native call (CPU, each KV head's slice of a block contiguous): the same hot-set
-    policy, swap-ins and remapped tables as the torch code (``tests/core/test_native.py`` compares them)."""
+def _resolve_native(host: HostPool, hot: HotSets, layout: BlockLayout, layer_idx: int, step: int,
+                    slots: torch.Tensor, tables: HostTables, logical: torch.Tensor,
+                    valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """:func:`_resolve_torch` in one native call (CPU, each KV head's slice of a block contiguous): the same
+    hot-set policy, swap-ins, tables and counts (``tests/core/test_host_tier.py`` compares them)."""
     r, hk, m = tables.entries.shape
     entries, host_tab = tables.entries.reshape(r, hk * m).clone(), tables.per_head.reshape(r, hk * m).clone()
     dev, pool = host.device_flat[layer_idx], host.layer(layer_idx)
@@ -105,9 +116,7 @@ def _make_resident_native(host: HostPool, hot: HotSets, layer_idx: int, step: in
                                               hot.holds[layer_idx], hot.last[layer_idx],
                                               dev.view(dev.shape[0] * hk, -1), pool.view(pool.shape[0] * hk, -1),
                                               entries, host_tab)
-    if hits or misses:
-        metrics.observe_hot_set(hits, misses, loaded, loaded * pool.shape[1] // hk * pool.element_size())
-    return entries.view(r, hk, m), host_tab.view(r, hk, m)
+    return entries.view(r, hk, m), host_tab.view(r, hk, m), hits, misses, loaded
 
 
 def _pad_column(t: torch.Tensor) -> torch.Tensor:
