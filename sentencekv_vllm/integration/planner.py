@@ -437,8 +437,9 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
     ``Hq / Hk`` query heads over its selected blocks (same token count for every head and layer)."""
     b = g.batch
     block_size = STATE.vllm_config.cache_config.block_size
-    plan = plan_blocks(b.starts, b.ends, g.unit_valid, b.seq_lens, b.budget, STATE.cfg.sinks, b.seq_lens - tail,
-                       block_size)
+    planner = native.plan_blocks if native.usable(b.seq_lens) else plan_blocks    # the same plan
+    plan = planner(b.starts, b.ends, g.unit_valid, b.seq_lens, b.budget, STATE.cfg.sinks, b.seq_lens - tail,
+                   block_size)
     _, hk, hq, _ = STATE.store.dims
     seq = plan.seq_lens.repeat_interleave(hk).to(torch.int32)
     qsl = torch.arange(len(seq) + 1, dtype=torch.int32, device=seq.device)

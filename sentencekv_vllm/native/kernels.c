@@ -1,5 +1,6 @@
 /* SentenceKV's per-layer decode bookkeeping on CPU, one pass each (see __init__.py for why and how it is built).
  *
+ * skv_plan_blocks:   core/blocks.py's per-step block plan (plan_blocks: fixed blocks, budgets, candidate lists).
  * skv_select_blocks: core/blocks.py's paged selection (score units, block scores, rank, top-k, ascending order,
  *                    head-split block tables) for the sentencekv policy (unit score = query sum . centroid).
  * skv_fold:          UnitStore.fold_open for sum statistics (the open sentence's query and key sums).
@@ -94,6 +95,63 @@ void skv_select_blocks(const float *cent, int64_t cent_row, const float *qsum, i
             }
         }
     }
+}
+
+/* core/blocks.py's plan_blocks for R rows (see BlockPlan there for every output). starts / ends [R, S] int64,
+ * valid [R, S] bytes, seq / budget / tail_start [R] int64; NB1 = the widest row's blocks + 1 (padding column).
+ * Out: base [R, NB1] float, fixed [R, NB1] bytes, k / seq_out [R] int64, cand [R, NB1, M] int64 with M = the most
+ * valid units overlapping one block + 1, written only when R * NB1 * M <= cap (else nothing: the caller retries
+ * with room for M); counts [R * NB1] workspace. Returns M. A block's units are listed in ascending unit order,
+ * padded with S (UNCOVERED); sink / tail blocks hold S + 1 (FIXED), blocks past the row S + 2 (-inf). */
+int64_t skv_plan_blocks(const int64_t *starts, const int64_t *ends, const uint8_t *valid, int64_t R, int64_t S,
+                        const int64_t *seq, const int64_t *budget, const int64_t *tail_start, int64_t sinks,
+                        int64_t bs, int64_t NB1, float *base, uint8_t *fixed, int64_t *k_out, int64_t *seq_out,
+                        int64_t *counts, int64_t *cand, int64_t cap) {
+    int64_t M = 1;
+    memset(counts, 0, (size_t)(R * NB1) * sizeof *counts);
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t nb = (seq[r] + bs - 1) / bs;
+        const int64_t per = budget[r] / bs;
+        const int64_t k = nb < (per < 1 ? 1 : per) ? nb : (per < 1 ? 1 : per);
+        const int64_t sink_blocks = (sinks + bs - 1) / bs;
+        const int64_t n_sink = sink_blocks < k - 1 ? sink_blocks : k - 1;
+        const int64_t ts = (tail_start[r] < 0 ? 0 : tail_start[r]) / bs;
+        const int64_t tail_first = ts > nb - (k - n_sink) ? ts : nb - (k - n_sink);
+        k_out[r] = k;
+        seq_out[r] = (k - 1) * bs + seq[r] - (nb - 1) * bs;
+        for (int64_t b = 0; b < NB1; b++) {
+            const int in_range = b < nb;
+            base[r * NB1 + b] = in_range ? UNCOVERED : -__builtin_inff();
+            fixed[r * NB1 + b] = (uint8_t)(in_range && (b < n_sink || b >= tail_first));
+        }
+        for (int64_t s = 0; s < S; s++) {
+            if (!valid[r * S + s]) continue;
+            const int64_t first = (starts[r * S + s] < 0 ? 0 : starts[r * S + s]) / bs;
+            int64_t last = (ends[r * S + s] - 1 < 0 ? 0 : ends[r * S + s] - 1) / bs;
+            if (last < first) last = first;
+            for (int64_t b = first; b <= last && b < NB1; b++)
+                if (++counts[r * NB1 + b] + 1 > M) M = counts[r * NB1 + b] + 1;
+        }
+    }
+    if (R * NB1 * M > cap) return M;
+    for (int64_t r = 0; r < R; r++) {
+        int64_t *c = cand + r * NB1 * M;
+        for (int64_t i = 0; i < NB1 * M; i++) c[i] = S;
+        memset(counts + r * NB1, 0, (size_t)NB1 * sizeof *counts);
+        for (int64_t s = 0; s < S; s++) {
+            if (!valid[r * S + s]) continue;
+            const int64_t first = (starts[r * S + s] < 0 ? 0 : starts[r * S + s]) / bs;
+            int64_t last = (ends[r * S + s] - 1 < 0 ? 0 : ends[r * S + s] - 1) / bs;
+            if (last < first) last = first;
+            for (int64_t b = first; b <= last && b < NB1; b++) c[b * M + counts[r * NB1 + b]++] = s;
+        }
+        for (int64_t b = 0; b < NB1; b++) {
+            const int64_t pin = base[r * NB1 + b] == UNCOVERED ? (fixed[r * NB1 + b] ? S + 1 : -1) : S + 2;
+            if (pin >= 0)
+                for (int64_t j = 0; j < M; j++) c[b * M + j] = pin;
+        }
+    }
+    return M;
 }
 
 /* dtype codes: 0 float32, 1 bfloat16, 2 float16 */

@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(native.library() is None, reason="native kernels
 HK, HQ, D, BS = 3, 9, 64, 32
 
 
-def _group(gen: torch.Generator, rows: int, budgets: list[int]):
-    """A random sparse group: spans of 1..70 tokens over 400..3000-token rows, some units invalid per head."""
+def _rows(gen: torch.Generator, rows: int):
+    """Random rows: spans of 1..70 tokens over 400..3000-token rows, padded to ``[rows, S]``."""
     spans, lens = [], []
     for _ in range(rows):
         n = int(torch.randint(400, 3000, (1,), generator=gen))
@@ -37,7 +37,12 @@ def _group(gen: torch.Generator, rows: int, budgets: list[int]):
         starts[i, :len(sp)] = torch.tensor([a for a, _ in sp])
         ends[i, :len(sp)] = torch.tensor([b for _, b in sp])
         unit_valid[i, :len(sp)] = True
-    seq = torch.tensor(lens)
+    return starts, ends, unit_valid, torch.tensor(lens)
+
+
+def _group(gen: torch.Generator, rows: int, budgets: list[int]):
+    """A random sparse group's plan (some units invalid per head: the caller's store)."""
+    starts, ends, unit_valid, seq = _rows(gen, rows)
     plan = plan_blocks(starts, ends, unit_valid, seq, torch.tensor(budgets), 32, seq - 40, BS)
     return plan, unit_valid
 
@@ -119,3 +124,25 @@ def test_row_copier_takes_only_rows_of_one_size():
     assert not native.RowCopier.fits([rows], [torch.zeros(6, 4)])                       # other row size
     assert not native.RowCopier.fits([rows], [torch.zeros(8, 6).t()])                     # not contiguous
     assert not native.RowCopier.fits([rows, rows], [rows])                                # layers differ
+
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_plan_matches_torch(seed):
+    """Every field of the per-step plan, native vs torch: rows of different lengths and budgets (below and above
+    a row's blocks), invalid units, sinks over several blocks, tails reaching back past the budget, long units
+    (several blocks: the candidate lists widen past the first try's room)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 1 + seed % 4
+    starts, ends, unit_valid, seq = _rows(gen, rows)
+    unit_valid &= torch.rand(unit_valid.shape, generator=gen) > 0.2
+    if seed % 2:    # every unit one token: up to 32 units per block
+        ends = torch.where(unit_valid, starts + 1, ends)
+    budgets = torch.randint(1, 48, (rows,), generator=gen) * BS // 2
+    for sinks, back in ((32, 40), (100, 300), (0, 5000), (4, -7)):
+        args = (starts, ends, unit_valid, seq, budgets, sinks, seq - back, BS)
+        want, got = plan_blocks(*args), native.plan_blocks(*args)
+        for name in ("base", "fixed", "num_blocks", "seq_lens", "cand", "tie"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert (got.drop is None) == (want.drop is None)
+        assert got.drop is None or torch.equal(got.drop, want.drop)
