@@ -117,7 +117,7 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
     out = torch.empty(r * hk, hq // hk, d, dtype=q.dtype)
     tables = head_split_tables(cache.table, hk, plan.trash)
     qsum = group_mean_query(q.float(), hk)       # the running group sum the impl keeps
-    store, unit_slots = _unit_pool(cents, hq)
+    store, unit_slots = _unit_pool(cents, hq, cache.cache.dtype)
     policy = policies.get("sentencekv")
 
     slots = torch.arange(r)
@@ -139,15 +139,18 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
     return run
 
 
-def _unit_pool(cents: UnitFeatures, hq: int) -> tuple[Any, torch.Tensor]:
-    """The worker's unit pool (``integration.state.UnitStore``, one layer) holding ``cents`` ``[R, S, Hk, D]``, and
-    each row's unit slots ``[R, S]`` (interleaved across rows, like requests admitted together)."""
+def _unit_pool(cents: UnitFeatures, hq: int, model_dtype: torch.dtype) -> tuple[Any, torch.Tensor]:
+    """The worker's unit pool (``integration.state.UnitStore``, one layer, in the dtype the engine keeps it for
+    this model) holding ``cents`` ``[R, S, Hk, D]``, and each row's unit slots ``[R, S]`` (interleaved across
+    rows, like requests admitted together)."""
+    from sentencekv_vllm.integration.memory import index_dtype
     from sentencekv_vllm.integration.state import UnitStore
 
     r, n, hk, d = cents.a.shape
-    store = UnitStore(1, hk, hq, d, r, cents.a.device, policies.get("sentencekv").slots)
+    store = UnitStore(1, hk, hq, d, r, cents.a.device, policies.get("sentencekv").slots,
+                      unit_dtype=index_dtype(model_dtype))
     slots = torch.tensor(store.alloc_units(r * n)).view(n, r).t().contiguous()
-    store.units["centroid"][0, slots] = cents.a.float()
+    store.set_units("centroid", 0, slots, cents.a.float())
     store.valid[0, slots] = cents.valid
     return store, slots
 

@@ -165,7 +165,7 @@ class SentenceKVImplMixin:
         for policy in policies.indexers(STATE.units):
             feats, valid = policy.build_units(keys, job.spans, obs, req.cfg)
             for name, value in feats.items():
-                store.units[name][layer_idx, job.unit_slots] = value
+                store.set_units(name, layer_idx, job.unit_slots, value)
             store.valid[layer_idx, job.unit_slots] = valid
         policy = policies.get(req.cfg.policy)
         layer_state = None

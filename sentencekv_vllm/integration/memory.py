@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 import psutil
+import torch
 
 from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig
@@ -31,11 +32,17 @@ HOST_RAM_SHARE = 0.5                            # auto host tier: at most this s
 _GIB = 2**30
 
 
-def unit_bytes(cfg: SentenceKVConfig, layers: int, kv_heads: int, head_dim: int) -> int:
-    """Device bytes one unit (sentence or page) takes in the index: float32 features of each pool slot, every
-    layer and KV head, plus its ``valid`` flags."""
+def index_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The index's feature dtype: the model's when it is a 16-bit float (the keys the features are made of are
+    stored in it too; half the bytes the selection reads every layer), else float32. Running sums stay float32."""
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def unit_bytes(cfg: SentenceKVConfig, layers: int, kv_heads: int, head_dim: int, feature_bytes: int = 4) -> int:
+    """Device bytes one unit (sentence or page) takes in the index: the features of each pool slot
+    (``feature_bytes`` per element, :func:`index_dtype`), every layer and KV head, plus its ``valid`` flags."""
     slots = len(policies.pool_slots(policies.get(cfg.policy).units)[0])
-    return layers * kv_heads * (head_dim * 4 * slots + 1)
+    return layers * kv_heads * (head_dim * feature_bytes * slots + 1)
 
 
 def tokens_per_unit(cfg: SentenceKVConfig) -> int:
@@ -59,14 +66,14 @@ def workspace_bytes(cfg: SentenceKVConfig, max_seqs: int, kv_heads: int, q_heads
 
 
 def reservation(cfg: SentenceKVConfig, available: int, dims: tuple[int, int, int, int], kv_token_bytes: int,
-                kv_bytes: int, host_tokens: int, max_seqs: int) -> tuple[int, int]:
+                kv_bytes: int, host_tokens: int, max_seqs: int, feature_bytes: int = 4) -> tuple[int, int]:
     """(bytes to take off vLLM's KV memory, units they hold) when ``available`` bytes would all go to KV.
 
     The device pool then holds ``d`` tokens with ``d * kv_token_bytes + index(d + host_tokens) + workspace =
     available``; solved for ``d`` so the reservation is exact rather than sized for memory the KV no longer gets.
     """
     layers, kv_heads, q_heads, head_dim = dims
-    per_unit = unit_bytes(cfg, layers, kv_heads, head_dim)
+    per_unit = unit_bytes(cfg, layers, kv_heads, head_dim, feature_bytes)
     work = workspace_bytes(cfg, max_seqs, kv_heads, q_heads, head_dim, kv_bytes)
     per_token_index = per_unit / tokens_per_unit(cfg)
     fixed = index_capacity(cfg, host_tokens, max_seqs) * per_unit + work
@@ -159,7 +166,7 @@ class IndexReservingWorker:
         vc = self.vllm_config  # type: ignore[attr-defined]
         per_token, elem = self._token_bytes()
         return reservation(STATE.cfg, available, model_dims(vc), per_token, elem, self._host_tokens(per_token),
-                           vc.scheduler_config.max_num_seqs)
+                           vc.scheduler_config.max_num_seqs, index_dtype(vc.model_config.dtype).itemsize)
 
     def _pool_tokens(self, num_blocks: int) -> int:
         per_token, _ = self._token_bytes()

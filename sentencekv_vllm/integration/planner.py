@@ -336,7 +336,7 @@ def _close_and_reset(fold: dict[str, list]) -> FoldRows:
         open_rows = store.open_rows(closing)
         for policy in policies.indexers(STATE.units):
             for name, value in policy.close_open(open_rows, count).items():
-                store.units[name][:, units] = value
+                store.set_units(name, slice(None), units, value)
         store.valid[:, units] = True
     reset = [s for s, r in zip(fold["slot"], fold["reset"], strict=True) if r]
     if reset:

@@ -30,6 +30,7 @@ from sentencekv_vllm.config import SentenceKVConfig, resolve_request_or_server
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
 from sentencekv_vllm.integration import trace
 from sentencekv_vllm.integration.log import get_logger
+from sentencekv_vllm.integration.memory import index_dtype
 from sentencekv_vllm.integration.tier.host_pool import apply_spills
 from sentencekv_vllm.integration.tier.hotset import HotSets
 from sentencekv_vllm.integration.tier.messages import Spill
@@ -158,11 +159,13 @@ class UnitStore:
 
     def __init__(self, num_layers: int, num_kv_heads: int, num_heads: int, head_dim: int, max_reqs: int,
                  device: torch.device, unit_slots: tuple[str, ...] = (),
-                 open_slots: Mapping[str, str] | None = None, capacity: int = _INITIAL_UNITS) -> None:
+                 open_slots: Mapping[str, str] | None = None, capacity: int = _INITIAL_UNITS,
+                 unit_dtype: torch.dtype = torch.float32) -> None:
         self.dims = (num_layers, num_kv_heads, num_heads, head_dim)
         self.device = device
         f32 = dict(dtype=torch.float32, device=device)
-        self.units = {name: torch.zeros(num_layers, capacity, num_kv_heads, head_dim, **f32) for name in unit_slots}
+        self.units = {name: torch.zeros(num_layers, capacity, num_kv_heads, head_dim, dtype=unit_dtype, device=device)
+                      for name in unit_slots}
         self.valid = torch.zeros(num_layers, capacity, num_kv_heads, dtype=torch.bool, device=device)
         self.qsum = torch.zeros(num_layers, max_reqs, num_kv_heads, head_dim, **f32)
         # open slot -> its reduction (``Policy.open_slots``: ``sum`` / ``amin`` / ``amax``)
@@ -190,6 +193,9 @@ class UnitStore:
         out = {}
         for name in names:
             src = self.units[name][layer_idx]
+            if src.dtype != torch.float32:     # half-precision index: scored in float32
+                out[name] = src.index_select(0, flat).float().view(shape)
+                continue
             buf = self._workspace(name, flat.numel() * src[0].numel()) if scratch else None
             rows = torch.index_select(src, 0, flat, out=buf.view(-1, *src.shape[1:])) if scratch else \
                 src.index_select(0, flat)
@@ -204,6 +210,11 @@ class UnitStore:
                               device=self.device)
             self._scratch[name] = buf
         return buf[:numel]
+
+    def set_units(self, name: str, layers: int | slice, unit_slots: torch.Tensor, value: torch.Tensor) -> None:
+        """Write features (float32, as the policies compute them) into the pool, in its dtype."""
+        pool = self.units[name]
+        pool[layers, unit_slots] = value.to(pool.dtype)
 
     def valid_rows(self, layer_idx: int, unit_slots: torch.Tensor) -> torch.Tensor:
         """``[*unit_slots.shape, Hk]`` whether each KV head may select the given units (one layer)."""
@@ -251,7 +262,7 @@ class UnitStore:
             closed = {name: t[:p] for name, t in stats.items()}
             for policy in indexers:
                 for name, value in policy.close_open(closed, count).items():
-                    self.units[name][layer_idx, unit_slots] = value
+                    self.set_units(name, layer_idx, unit_slots, value)
 
     def alloc_slot(self) -> int:
         """A request slot (row of the running sums). Live requests never exceed ``max_num_seqs`` (preempted ones
@@ -330,7 +341,8 @@ class WorkerState:
             max_reqs = self.vllm_config.scheduler_config.max_num_seqs
             unit_slots, _ = policies.pool_slots(self.units)
             self.store = UnitStore(num_layers, num_kv_heads, num_heads, head_dim, max_reqs, device, unit_slots,
-                                   policies.open_reductions(self.units), capacity)
+                                   policies.open_reductions(self.units), capacity,
+                                   index_dtype(self.vllm_config.model_config.dtype))
         return self.store
 
     def new_request(self, req_id: str, extra_args: dict[str, Any] | None, prompt_len: int,

@@ -41,7 +41,8 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "skv_plan_blocks": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I],
-    "skv_select_blocks": [_P, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, _P, _P],
+    "skv_select_blocks": [_P, _I, ctypes.c_int, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P,
+                          _P, _P, _P],
     "skv_fold": [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I, _I, _I, _I, _P, _P, _I],
     "skv_copy_rows": [_P, _P, _I, _P, _P, _I, _I],
     "skv_hot_resolve": [_P, _I, _P, _P, _I, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P,
@@ -158,22 +159,23 @@ class BlockSelector:
         cand, num_blocks, units, slots, tabs, ext, score, top = self._inputs
         self.out = torch.empty((r, hk, w) if logical else (r * hk, w), dtype=torch.long if logical else torch.int32)
         ptr = lambda t: None if t is None else t.data_ptr()    # noqa: E731
-        # skv_select_blocks(cent, cent_row, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks,
-        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables): 0-3 and 7 vary per layer
-        self._args = [None, 0, None, 0, slots.data_ptr(), units.data_ptr(), s, None, cand.data_ptr(), nb1,
+        # skv_select_blocks(cent, cent_row, cdt, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks,
+        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables): 0-4 and 8 vary per layer
+        self._args = [None, 0, 0, None, 0, slots.data_ptr(), units.data_ptr(), s, None, cand.data_ptr(), nb1,
                       cand.shape[1] // nb1, num_blocks.data_ptr(), ptr(tabs), r, hk, 0, w, ext.data_ptr(),
                       score.data_ptr(), top.data_ptr(), self.out.data_ptr() if logical else None,
                       None if logical else self.out.data_ptr()]
         self._fn = library().skv_select_blocks
 
     def __call__(self, cent: torch.Tensor, qsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """One layer: ``cent`` ``[P, Hk, D]`` and ``qsum`` ``[max_reqs, Hk, D]`` float32 (the store's rows, each
-        row contiguous), ``valid`` ``[R, S, Hk]`` bool. Returns the head-split block tables
-        ``[R * Hk, W]`` int32, or the logical blocks ``[R, Hk, W]`` int64 when the selector has no tables (the
+        """One layer: ``cent`` ``[P, Hk, D]`` (float32, bfloat16 or float16) and ``qsum`` ``[max_reqs, Hk, D]``
+        float32 (the store's rows, each row contiguous), ``valid`` ``[R, S, Hk]`` bool. Returns the head-split block
+        tables ``[R * Hk, W]`` int32, or the logical blocks ``[R, Hk, W]`` int64 when the selector has no tables (the
         host tier maps them through the hot sets itself)."""
         args, valid = self._args, valid.contiguous()
-        args[0], args[1], args[2], args[3] = cent.data_ptr(), cent.stride(0), qsum.data_ptr(), qsum.stride(0)
-        args[7], args[15] = valid.data_ptr(), cent.shape[-1]
+        args[0], args[1], args[2] = cent.data_ptr(), cent.stride(0), DTYPES[cent.dtype]
+        args[3], args[4] = qsum.data_ptr(), qsum.stride(0)
+        args[8], args[16] = valid.data_ptr(), cent.shape[-1]
         self._fn(*args)
         return self.out
 

@@ -31,6 +31,43 @@ static inline float dot(const float *q, const float *c, int64_t d_len) {
     return tot;
 }
 
+static inline float from_bf16(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* the same sum with half-precision centroids (the index is kept in the model's dtype) */
+static inline float dot_bf16(const float *q, const uint16_t *c, int64_t d_len) {
+    float acc[16] = {0};
+    int64_t d = 0;
+    for (; d + 16 <= d_len; d += 16)
+        for (int j = 0; j < 16; j++) acc[j] += q[d + j] * from_bf16(c[d + j]);
+    float tot = 0.f;
+    for (; d < d_len; d++) tot += q[d] * from_bf16(c[d]);
+    for (int j = 0; j < 16; j++) tot += acc[j];
+    return tot;
+}
+
+static inline float dot_f16(const float *q, const _Float16 *c, int64_t d_len) {
+    float acc[16] = {0};
+    int64_t d = 0;
+    for (; d + 16 <= d_len; d += 16)
+        for (int j = 0; j < 16; j++) acc[j] += q[d + j] * (float)c[d + j];
+    float tot = 0.f;
+    for (; d < d_len; d++) tot += q[d] * (float)c[d];
+    for (int j = 0; j < 16; j++) tot += acc[j];
+    return tot;
+}
+
+/* dtype codes: 0 float32, 1 bfloat16, 2 float16 */
+static inline float dot_any(const float *q, const void *c, int64_t d_len, int dtype) {
+    if (dtype == 0) return dot(q, (const float *)c, d_len);
+    if (dtype == 1) return dot_bf16(q, (const uint16_t *)c, d_len);
+    return dot_f16(q, (const _Float16 *)c, d_len);
+}
+
 /* The top k blocks of one (row, KV head) by rank, in ascending block order, into top[0..k). */
 static int64_t top_blocks(const float *score, int64_t nb1, int64_t k, int64_t *top) {
     int64_t n = 0;
@@ -50,7 +87,7 @@ static int64_t top_blocks(const float *score, int64_t nb1, int64_t k, int64_t *t
     return n;
 }
 
-/* cent: one layer's centroid pool, ``cent_row`` floats per unit ([Hk, D]); qsum: one layer's open query sums,
+/* cent: one layer's centroid pool, ``cent_row`` elements per unit ([Hk, D]) of dtype ``cdt`` (codes below); qsum: one layer's open query sums,
  * ``q_row`` floats per request slot; slot [R]; unit_slots [R, S]; valid [R, S, Hk] (bytes); cand [R, NB1 * M]
  * (BlockPlan.cand: indices into the unit scores extended by UNCOVERED, FIXED, -inf); nblocks [R] blocks per row;
  * tables [R, Hk, NB1] int32 head-split ids (may be NULL); ext [Hk, S + 3], score [NB1], top [W]: workspaces.
@@ -58,19 +95,20 @@ static int64_t top_blocks(const float *score, int64_t nb1, int64_t k, int64_t *t
  * slots past a row's own block count hold the padding column NB1 - 1.
  * A row's units are scored in one pass over their pool rows (all heads of a unit are contiguous), then each head
  * ranks its blocks. */
-void skv_select_blocks(const float *cent, int64_t cent_row, const float *qsum, int64_t q_row, const int64_t *slot,
+void skv_select_blocks(const void *cent, int64_t cent_row, int cdt, const float *qsum, int64_t q_row, const int64_t *slot,
                        const int64_t *unit_slots, int64_t S, const uint8_t *valid, const int64_t *cand,
                        int64_t NB1, int64_t M, const int64_t *nblocks, const int32_t *tables, int64_t R,
                        int64_t H, int64_t D, int64_t W, float *ext, float *score, int64_t *top,
                        int64_t *blocks, int32_t *out_tables) {
     const int64_t E = S + 3;
+    const int64_t esize = cdt == 0 ? 4 : 2;
     for (int64_t r = 0; r < R; r++) {
         const float *q = qsum + slot[r] * q_row;
         for (int64_t s = 0; s < S; s++) {
-            const float *c = cent + unit_slots[r * S + s] * cent_row;
+            const char *c = (const char *)cent + unit_slots[r * S + s] * cent_row * esize;
             const uint8_t *ok = valid + (r * S + s) * H;
             for (int64_t h = 0; h < H; h++)
-                ext[h * E + s] = ok[h] ? dot(q + h * D, c + h * D, D) : -__builtin_inff();
+                ext[h * E + s] = ok[h] ? dot_any(q + h * D, c + h * D * esize, D, cdt) : -__builtin_inff();
         }
         const int64_t *c = cand + r * NB1 * M;
         for (int64_t h = 0; h < H; h++) {

@@ -19,6 +19,15 @@ def test_unit_bytes_count_every_pool_slot():
     quest = memory.unit_bytes(SentenceKVConfig(policy="quest"), 32, 8, 128)
     assert sent == 32 * 8 * (128 * 4 + 1)
     assert quest == 32 * 8 * (2 * 128 * 4 + 1)          # key_min and key_max
+    assert memory.unit_bytes(SentenceKVConfig(), 32, 8, 128, feature_bytes=2) == 32 * 8 * (128 * 2 + 1)
+
+
+def test_index_is_kept_in_a_16_bit_model_dtype():
+    """The features are means of the cached keys: a bf16 / fp16 model's index takes its dtype (half the bytes
+    per layer to score); anything else (float32) keeps float32."""
+    assert memory.index_dtype(torch.bfloat16) is torch.bfloat16
+    assert memory.index_dtype(torch.float16) is torch.float16
+    assert memory.index_dtype(torch.float32) is torch.float32
 
 
 def test_reservation_fits_the_pool_it_leaves():

@@ -47,15 +47,18 @@ def _group(gen: torch.Generator, rows: int, budgets: list[int]):
     return plan, unit_valid
 
 
+@pytest.mark.parametrize("index_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,budgets", [(1, [1024]), (1, [256]), (3, [512, 1024, 320]), (8, [1024] * 8)])
-def test_block_selection_matches_torch(rows, budgets):
+def test_block_selection_matches_torch(rows, budgets, index_dtype):
+    """Every index dtype (the index is kept in the model's dtype): the torch path scores the same values in
+    float32."""
     gen = torch.Generator().manual_seed(rows * 7 + budgets[0])
     plan, unit_valid = _group(gen, rows, budgets)
     s = unit_valid.shape[1]
-    store = UnitStore(1, HK, HQ, D, 16, torch.device("cpu"), ("centroid",))
+    store = UnitStore(1, HK, HQ, D, 16, torch.device("cpu"), ("centroid",), unit_dtype=index_dtype)
     slots = torch.tensor(store.alloc_units(rows * s)).view(rows, s)
     # small integers: exact dot products in any order; few distinct values: many ties
-    store.units["centroid"][0, slots] = torch.randint(-2, 3, (rows, s, HK, D), generator=gen).float()
+    store.set_units("centroid", 0, slots, torch.randint(-2, 3, (rows, s, HK, D), generator=gen).float())
     store.valid[0, slots] = (torch.rand(rows, s, HK, generator=gen) > 0.1) & unit_valid[..., None]
     req_slots = torch.randperm(16, generator=gen)[:rows]
     store.qsum[0, req_slots] = torch.randint(-3, 4, (rows, HK, D), generator=gen).float()
