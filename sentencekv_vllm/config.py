@@ -90,9 +90,10 @@ class SentenceKVConfig(BaseModel):
     obs_window: int = Field(32, gt=0, description="SnapKV observation window: the last prompt queries scored.")
     pool_kernel: int = Field(7, gt=0, description="SnapKV 1-D pooling kernel (odd).")
     index_tokens_per_unit: int = Field(16, gt=0, description=(
-        "The sentence index (float32 centroids on the device) is allocated at start-up for every token the KV "
-        "pools can hold (device + host tier) at one sentence per this many tokens, and taken off vLLM's KV memory "
-        "(about 1/16 of it at the default: a centroid is as large as one token's K and V in bf16). Text whose "
+        "The sentence index (centroids on the device, in the model's dtype if it is bf16 / fp16, else float32) is "
+        "allocated at start-up for every token the KV pools can hold (device + host tier) at one sentence per this "
+        "many tokens, and taken off vLLM's KV memory (about 1/32 of it at the default: a centroid is half of one "
+        "token's K and V). Text whose "
         "sentences are shorter on average outgrows it; the index then grows in 25% steps outside vLLM's budget "
         "(logged)."))
     quest_page_size: int = Field(16, gt=0, description="Page size (tokens) of the `quest` baseline.")

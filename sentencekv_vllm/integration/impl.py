@@ -141,18 +141,16 @@ class SentenceKVImplMixin:
         q = q.view(q.shape[0], self.num_kv_heads, -1, self.head_size).sum(2, dtype=torch.float32)
         store.fold_open(layer_idx, fold.slot, q, k.float())
 
-    def _cached_keys(self, layer, kv_cache, block_row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Keys ``[T, Hk, D]`` of one request's cached ``positions`` ``[T]`` (block table row ``[1, max_blocks]``)."""
-        n = positions.numel()
-        keys, _ = self._block_layout(layer, kv_cache).gather(kv_cache, block_row,
-                                                             positions.view(1, 1, n).expand(1, self.num_kv_heads, n))
-        return keys[0].transpose(0, 1)
+    def _cached_keys(self, layer, kv_cache, block_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Keys ``[hi - lo, Hk, D]`` of one request's cached positions ``lo..hi-1`` (block table row
+        ``[1, max_blocks]``)."""
+        return self._block_layout(layer, kv_cache).range_keys(kv_cache, block_row[0], lo, hi)
 
     def _catch_up(self, store: UnitStore, layer_idx: int, layer, kv_cache, job: CatchUp) -> None:
         """A row nearing ``sparse_from``: the statistics of the sentences it generated while it did not fold, and
         of its open one so far, reduced from the keys in the paged cache the way the fold would have
         (``UnitStore.catch_up``)."""
-        keys = self._cached_keys(layer, kv_cache, job.block_row, job.positions)
+        keys = self._cached_keys(layer, kv_cache, job.block_row, *job.span)
         store.catch_up(layer_idx, job.slot, keys.float(), job.seg, job.unit_slots, job.count,
                        policies.indexers(STATE.units))
 
@@ -160,7 +158,7 @@ class SentenceKVImplMixin:
         """Prompt index for this layer, from the keys just written to the paged cache: the unit features of the
         server's policies, and the request's own token-level features (SnapKV) if its policy has some."""
         req = job.req
-        keys = self._cached_keys(layer, kv_cache, job.block_row, torch.arange(req.prompt_len, device=kv_cache.device))
+        keys = self._cached_keys(layer, kv_cache, job.block_row, 0, req.prompt_len)
         obs = req.window(layer_idx)
         for policy in policies.indexers(STATE.units):
             feats, valid = policy.build_units(keys, job.spans, obs, req.cfg)

@@ -72,6 +72,17 @@ class BlockLayout:
         blocks = block_table.long().gather(1, (positions // self.block_size).view(r, -1)).view(r, hk, w)
         return self.gather_blocks(flat, blocks, positions)
 
+    def range_keys(self, kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Keys ``[hi - lo, Hk, D]`` of one row's positions ``lo..hi-1`` (``block_row`` ``[max_blocks]``): the
+        blocks holding them copied whole, then the keys picked with the block's own offset table. Two gathers
+        whatever the block interior (AMX's packed keys too), instead of one per token and head (and no values)."""
+        bs = self.block_size
+        first, last = lo // bs, (hi - 1) // bs
+        data = flat_blocks(kv_cache).index_select(0, block_row[first:last + 1].long())
+        table = self.k_off.to(kv_cache.device)
+        keys = data.index_select(1, table.reshape(-1)).view(-1, *table.shape[1:])
+        return keys[lo - first * bs:hi - first * bs]
+
     def gather_entries(self, kv_cache: torch.Tensor, entries: torch.Tensor,
                        positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[R, Hk, W, D]`` of token ``positions[r, h, w]`` read from head-split entries ``[R, Hk, W]``

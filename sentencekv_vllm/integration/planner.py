@@ -71,7 +71,7 @@ class CatchUp:
 
     slot: int
     block_row: torch.Tensor    # [1, max_blocks]
-    positions: torch.Tensor    # [n] cached positions to read (closed sentences, then the open one)
+    span: tuple[int, int]      # [lo, hi): the n cached positions to read (closed sentences, then the open one)
     seg: torch.Tensor          # [n] 0..P-1: closed sentence of each position, P: the open sentence
     unit_slots: torch.Tensor   # [P] unit-pool rows of the closed sentences
     count: torch.Tensor        # [P] float tokens in each closed sentence
@@ -298,8 +298,7 @@ def _start_folding(plan: StepPlan, req: RequestState, pos: int, block_row: torch
     if slots:
         store.valid[:, slots] = True        # built by this step's forward, before any layer selects
     plan.catch_ups.append(CatchUp(
-        req.slot, block_row, torch.arange(lo, pos, device=dev), seg.to(dev), torch.tensor(slots, device=dev,
-                                                                                        dtype=torch.long),
+        req.slot, block_row, (lo, pos), seg.to(dev), torch.tensor(slots, device=dev, dtype=torch.long),
         torch.tensor([float(max(1, n)) for n in lengths[:-1]], device=dev)))
 
 

@@ -43,6 +43,8 @@ def test_probe_and_gather_roundtrip(write):
     heads = torch.arange(HK).view(1, HK, 1)
     torch.testing.assert_close(k, keys[pos, heads], rtol=0, atol=0)
     torch.testing.assert_close(v, values[pos, heads], rtol=0, atol=0)
+    for lo, hi in ((0, t), (5, 6), (BS - 1, 3 * BS + 2), (2 * BS, 3 * BS)):   # whole blocks read, keys picked
+        torch.testing.assert_close(layout.range_keys(cache, block_table[0], lo, hi), keys[lo:hi], rtol=0, atol=0)
 
 
 def test_gather_per_query_head_reads_each_heads_kv_head():
@@ -59,3 +61,30 @@ def test_gather_per_query_head_reads_each_heads_kv_head():
     kv_head = (torch.arange(2 * HK) // 2).view(1, -1, 1)
     torch.testing.assert_close(k, keys[pos, kv_head], rtol=0, atol=0)
     torch.testing.assert_close(v, values[pos, kv_head], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_range_keys_reads_cpu_attns_own_layout(dtype):
+    """The prompt keys the index is built from, read back from a cache vLLM's CPU kernel wrote (bf16 on an AMX
+    machine packs keys in pairs: the layout is not affine, the offset table handles it)."""
+    ops = pytest.importorskip("vllm._custom_ops")
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    d, bs = 64, 32
+    isa = _get_attn_isa(dtype, bs, d)
+    cache = torch.zeros(7, HK, bs, 2 * d, dtype=dtype)
+
+    def write(key, value, kv_cache, slots):
+        n = kv_cache.shape[0]
+        kc, vc = kv_cache.view(n, HK, 2 * bs, d).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
+
+    layout = BlockLayout.probe(write, cache, bs, HK, d)
+    gen = torch.Generator().manual_seed(2)
+    t = 4 * bs - 5
+    keys = torch.randn(t, HK, d, generator=gen).to(dtype)
+    row = torch.tensor([6, 2, 4, 0], dtype=torch.int32)
+    write(keys, torch.randn(t, HK, d, generator=gen).to(dtype), cache, (row.long()[:, None] * bs +
+                                                                          torch.arange(bs)).flatten()[:t])
+    for lo, hi in ((0, t), (40, 41), (bs - 3, 3 * bs + 1)):
+        torch.testing.assert_close(layout.range_keys(cache, row, lo, hi), keys[lo:hi], rtol=0, atol=0)
