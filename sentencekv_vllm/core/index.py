@@ -10,6 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
+def index_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the index keeps its features in: the model's when it is a 16-bit float (the keys the features
+    average are stored in it too; half the bytes the selection reads every layer), else float32. Running sums
+    stay float32."""
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def token_to_span(spans: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """``[T]`` index of the span holding each token (spans cover ``[0, n_tokens)`` contiguously)."""
     pos = torch.arange(n_tokens, device=spans.device)

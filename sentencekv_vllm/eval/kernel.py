@@ -143,7 +143,7 @@ def _unit_pool(cents: UnitFeatures, hq: int, model_dtype: torch.dtype) -> tuple[
     """The worker's unit pool (``integration.state.UnitStore``, one layer, in the dtype the engine keeps it for
     this model) holding ``cents`` ``[R, S, Hk, D]``, and each row's unit slots ``[R, S]`` (interleaved across
     rows, like requests admitted together)."""
-    from sentencekv_vllm.integration.memory import index_dtype
+    from sentencekv_vllm.core.index import index_dtype
     from sentencekv_vllm.integration.state import UnitStore
 
     r, n, hk, d = cents.a.shape

@@ -21,21 +21,15 @@ import os
 from typing import Any
 
 import psutil
-import torch
 
 from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.core.index import index_dtype
 from sentencekv_vllm.integration.log import get_logger
 
 HOST_POOL_KEY = "sentencekv_host_pool_bytes"    # kv_connector_extra_config key (resolved host tier size)
 HOST_RAM_SHARE = 0.5                            # auto host tier: at most this share of the available RAM
 _GIB = 2**30
-
-
-def index_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """The index's feature dtype: the model's when it is a 16-bit float (the keys the features are made of are
-    stored in it too; half the bytes the selection reads every layer), else float32. Running sums stay float32."""
-    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def unit_bytes(cfg: SentenceKVConfig, layers: int, kv_heads: int, head_dim: int, feature_bytes: int = 4) -> int:

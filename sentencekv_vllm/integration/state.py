@@ -27,10 +27,10 @@ import torch
 
 from sentencekv_vllm import policies
 from sentencekv_vllm.config import SentenceKVConfig, resolve_request_or_server
+from sentencekv_vllm.core.index import index_dtype
 from sentencekv_vllm.core.segmentation import IncrementalSegmenter
 from sentencekv_vllm.integration import trace
 from sentencekv_vllm.integration.log import get_logger
-from sentencekv_vllm.integration.memory import index_dtype
 from sentencekv_vllm.integration.tier.host_pool import apply_spills
 from sentencekv_vllm.integration.tier.hotset import HotSets
 from sentencekv_vllm.integration.tier.messages import Spill

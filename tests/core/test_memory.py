@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sentencekv_vllm.config import SentenceKVConfig
+from sentencekv_vllm.core.index import index_dtype
 from sentencekv_vllm.integration import memory
 
 DIMS = (32, 8, 32, 128)                  # Llama-3.1-8B: layers, KV heads, query heads, head dim
@@ -25,9 +26,9 @@ def test_unit_bytes_count_every_pool_slot():
 def test_index_is_kept_in_a_16_bit_model_dtype():
     """The features are means of the cached keys: a bf16 / fp16 model's index takes its dtype (half the bytes
     per layer to score); anything else (float32) keeps float32."""
-    assert memory.index_dtype(torch.bfloat16) is torch.bfloat16
-    assert memory.index_dtype(torch.float16) is torch.float16
-    assert memory.index_dtype(torch.float32) is torch.float32
+    assert index_dtype(torch.bfloat16) is torch.bfloat16
+    assert index_dtype(torch.float16) is torch.float16
+    assert index_dtype(torch.float32) is torch.float32
 
 
 def test_reservation_fits_the_pool_it_leaves():
