@@ -20,17 +20,6 @@ static inline int ranks_before(float sa, int64_t ia, float sb, int64_t ib) {
     return sa > sb || (sa == sb && ia < ib);
 }
 
-static inline float dot(const float *q, const float *c, int64_t d_len) {
-    float acc[16] = {0};
-    int64_t d = 0;
-    for (; d + 16 <= d_len; d += 16)
-        for (int j = 0; j < 16; j++) acc[j] += q[d + j] * c[d + j];
-    float tot = 0.f;
-    for (; d < d_len; d++) tot += q[d] * c[d];
-    for (int j = 0; j < 16; j++) tot += acc[j];
-    return tot;
-}
-
 static inline float from_bf16(uint16_t h) {
     const uint32_t bits = (uint32_t)h << 16;
     float f;
@@ -38,32 +27,28 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
-/* the same sum with half-precision centroids (the index is kept in the model's dtype) */
-static inline float dot_bf16(const float *q, const uint16_t *c, int64_t d_len) {
-    float acc[16] = {0};
-    int64_t d = 0;
-    for (; d + 16 <= d_len; d += 16)
-        for (int j = 0; j < 16; j++) acc[j] += q[d + j] * from_bf16(c[d + j]);
-    float tot = 0.f;
-    for (; d < d_len; d++) tot += q[d] * from_bf16(c[d]);
-    for (int j = 0; j < 16; j++) tot += acc[j];
-    return tot;
-}
+#define AS_FLOAT(x) ((float)(x))
 
-static inline float dot_f16(const float *q, const _Float16 *c, int64_t d_len) {
-    float acc[16] = {0};
-    int64_t d = 0;
-    for (; d + 16 <= d_len; d += 16)
-        for (int j = 0; j < 16; j++) acc[j] += q[d + j] * (float)c[d + j];
-    float tot = 0.f;
-    for (; d < d_len; d++) tot += q[d] * (float)c[d];
-    for (int j = 0; j < 16; j++) tot += acc[j];
-    return tot;
-}
+/* q . c over d_len elements in 16 float32 lanes; c in float32, bf16 or fp16 (the index is kept in the model's
+ * dtype), converted on load. One body for the three element types. */
+#define DEFINE_DOT(NAME, T, CVT)                                                    \
+    static inline float NAME(const float *q, const T *c, int64_t d_len) {        \
+        float acc[16] = {0};                                                     \
+        int64_t d = 0;                                                           \
+        for (; d + 16 <= d_len; d += 16)                                         \
+            for (int j = 0; j < 16; j++) acc[j] += q[d + j] * CVT(c[d + j]);     \
+        float tot = 0.f;                                                         \
+        for (; d < d_len; d++) tot += q[d] * CVT(c[d]);                          \
+        for (int j = 0; j < 16; j++) tot += acc[j];                              \
+        return tot;                                                              \
+    }
+DEFINE_DOT(dot_f32, float, AS_FLOAT)
+DEFINE_DOT(dot_bf16, uint16_t, from_bf16)
+DEFINE_DOT(dot_f16, _Float16, AS_FLOAT)
 
 /* dtype codes: 0 float32, 1 bfloat16, 2 float16 */
 static inline float dot_any(const float *q, const void *c, int64_t d_len, int dtype) {
-    if (dtype == 0) return dot(q, (const float *)c, d_len);
+    if (dtype == 0) return dot_f32(q, (const float *)c, d_len);
     if (dtype == 1) return dot_bf16(q, (const uint16_t *)c, d_len);
     return dot_f16(q, (const _Float16 *)c, d_len);
 }
@@ -135,6 +120,13 @@ void skv_select_blocks(const void *cent, int64_t cent_row, int cdt, const float 
     }
 }
 
+/* The blocks [first, last] a unit [start, end) touches (core/blocks.py: clamped at 0, at least one block). */
+static inline void unit_blocks(int64_t start, int64_t end, int64_t bs, int64_t *first, int64_t *last) {
+    *first = (start < 0 ? 0 : start) / bs;
+    *last = (end - 1 < 0 ? 0 : end - 1) / bs;
+    if (*last < *first) *last = *first;
+}
+
 /* core/blocks.py's plan_blocks for R rows (see BlockPlan there for every output). starts / ends [R, S] int64,
  * valid [R, S] bytes, seq / budget / tail_start [R] int64; NB1 = the widest row's blocks + 1 (padding column).
  * Out: base [R, NB1] float, fixed [R, NB1] bytes, k / seq_out [R] int64, cand [R, NB1, M] int64 with M = the most
@@ -149,8 +141,8 @@ int64_t skv_plan_blocks(const int64_t *starts, const int64_t *ends, const uint8_
     memset(counts, 0, (size_t)(R * NB1) * sizeof *counts);
     for (int64_t r = 0; r < R; r++) {
         const int64_t nb = (seq[r] + bs - 1) / bs;
-        const int64_t per = budget[r] / bs;
-        const int64_t k = nb < (per < 1 ? 1 : per) ? nb : (per < 1 ? 1 : per);
+        const int64_t per = budget[r] / bs < 1 ? 1 : budget[r] / bs;
+        const int64_t k = nb < per ? nb : per;
         const int64_t sink_blocks = (sinks + bs - 1) / bs;
         const int64_t n_sink = sink_blocks < k - 1 ? sink_blocks : k - 1;
         const int64_t ts = (tail_start[r] < 0 ? 0 : tail_start[r]) / bs;
@@ -164,9 +156,8 @@ int64_t skv_plan_blocks(const int64_t *starts, const int64_t *ends, const uint8_
         }
         for (int64_t s = 0; s < S; s++) {
             if (!valid[r * S + s]) continue;
-            const int64_t first = (starts[r * S + s] < 0 ? 0 : starts[r * S + s]) / bs;
-            int64_t last = (ends[r * S + s] - 1 < 0 ? 0 : ends[r * S + s] - 1) / bs;
-            if (last < first) last = first;
+            int64_t first, last;
+            unit_blocks(starts[r * S + s], ends[r * S + s], bs, &first, &last);
             for (int64_t b = first; b <= last && b < NB1; b++)
                 if (++counts[r * NB1 + b] + 1 > M) M = counts[r * NB1 + b] + 1;
         }
@@ -178,9 +169,8 @@ int64_t skv_plan_blocks(const int64_t *starts, const int64_t *ends, const uint8_
         memset(counts + r * NB1, 0, (size_t)NB1 * sizeof *counts);
         for (int64_t s = 0; s < S; s++) {
             if (!valid[r * S + s]) continue;
-            const int64_t first = (starts[r * S + s] < 0 ? 0 : starts[r * S + s]) / bs;
-            int64_t last = (ends[r * S + s] - 1 < 0 ? 0 : ends[r * S + s] - 1) / bs;
-            if (last < first) last = first;
+            int64_t first, last;
+            unit_blocks(starts[r * S + s], ends[r * S + s], bs, &first, &last);
             for (int64_t b = first; b <= last && b < NB1; b++) c[b * M + counts[r * NB1 + b]++] = s;
         }
         for (int64_t b = 0; b < NB1; b++) {
@@ -195,12 +185,7 @@ int64_t skv_plan_blocks(const int64_t *starts, const int64_t *ends, const uint8_
 /* dtype codes: 0 float32, 1 bfloat16, 2 float16 */
 static inline float load(const void *p, int64_t i, int dtype) {
     if (dtype == 0) return ((const float *)p)[i];
-    if (dtype == 1) {
-        uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
+    if (dtype == 1) return from_bf16(((const uint16_t *)p)[i]);
     return (float)((const _Float16 *)p)[i];
 }
 

@@ -129,7 +129,6 @@ def test_row_copier_takes_only_rows_of_one_size():
     assert not native.RowCopier.fits([rows, rows], [rows])                                # layers differ
 
 
-
 @pytest.mark.parametrize("seed", range(6))
 def test_block_plan_matches_torch(seed):
     """Every field of the per-step plan, native vs torch: rows of different lengths and budgets (below and above
