@@ -122,12 +122,13 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
 
     slots = torch.arange(r)
     store.qsum[0, :r] = qsum
-    selector = native.BlockSelector(plan, unit_slots, slots, tables, hk) if use_native else None
+    valid = store.valid_rows(0, unit_slots)     # the engine gathers every layer's masks once per step
+    selector = native.BlockSelector(plan, unit_slots, slots, tables, hk, store.units["centroid"], store.qsum,
+                                    valid[None]) if use_native else None
 
     def run() -> torch.Tensor:
-        valid = store.valid_rows(0, unit_slots)     # the engine gathers every layer's masks once per step
         if selector is not None:
-            table = selector(store.units["centroid"][0], store.qsum[0], valid)
+            table = selector(0)
         else:   # as impl._sparse_paged: gather the rows' centroids into the pool's workspace, score them in place
             units = store.unit_rows(0, unit_slots, policy.slots, scratch=True)
             scores = policy.raw_score(store.query_sums(0, slots), policy.features(units, valid, True))

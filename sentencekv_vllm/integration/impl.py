@@ -29,6 +29,12 @@ from sentencekv_vllm.integration.tier.host_reads import make_resident, read_host
 _LAYOUTS: dict[tuple, BlockLayout] = {}
 
 
+def _heads_contiguous(x: torch.Tensor, head_size: int) -> bool:
+    """A token's heads lie back to back in ``x`` (``[T, H, D]`` or ``[T, H * D]``)."""
+    st = x.stride()
+    return st[-1] == 1 and (x.dim() == 2 or st[-2] == head_size)
+
+
 class SentenceKVBackendMixin:
     """Static facts shared by the CPU and CUDA backends (placed before the stock backend class)."""
 
@@ -203,8 +209,7 @@ class SentenceKVImplMixin:
         policy = policies.get(group.policy)
         blocks, table = paged.blocks, None
         if paged.native is not None:       # one native call: the tables, or the logical blocks (host tier)
-            found = paged.native(store.units[policy.slots[0]][layer_idx], store.qsum[layer_idx],
-                                 paged.valid[layer_idx])
+            found = paged.native(layer_idx)
             blocks, table = (found, None) if group.host is not None else (None, found)
         elif blocks is None:
             valid = paged.valid[layer_idx]
@@ -220,16 +225,34 @@ class SentenceKVImplMixin:
             table = physical_tables(blocks, paged.tables)
         paged.metadata.block_table = table
         t2 = time.perf_counter()
-        hk = kv_cache.shape[1]
-        rows = group.rows if group.rows is not None else group.tok
-        q = query[rows].reshape(-1, self.num_heads // hk, self.head_size)    # q is a strided view of qkv
-        in_place = group.rows is not None and output[rows].is_contiguous()
-        out = output[rows].view(q.shape) if in_place else torch.empty_like(q)
+        q, out, in_place = self._head_split_rows(query, output, group, kv_cache.shape[1])
         self.head_split_attention(layer, q, kv_cache, paged.metadata, out)
         if not in_place:
             output[group.tok] = out.view(-1, self.num_heads, self.head_size)
         metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t2, transfer=t2 - t1)
         return paged.plan.seq_lens.tolist() if layer_idx == 0 else []
+
+    def _head_split_rows(self, query, output, group: SparseGroup, hk: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The group's queries and outputs as ``[R * Hk, Hq / Hk, D]`` (each (row, KV head) one sequence). When
+        the rows are consecutive and a row's heads contiguous, these are views made by one ``as_strided`` each: a
+        served layer runs after its weights went through the caches, where every tensor op in Python costs
+        microseconds. Otherwise the query is copied, and the output (``in_place`` False) written back by the
+        caller."""
+        g, d = self.num_heads // hk, self.head_size
+        shape, strides = (-1, g, d), (g * d, d, 1)
+        rows = group.rows
+        if rows is None:
+            q = query[group.tok].reshape(shape)
+            return q, torch.empty_like(q), False
+        n = (rows.stop - rows.start) * hk
+        if n == hk and _heads_contiguous(query, d):     # one row: its heads are a contiguous [Hq, D] in qkv
+            q = query.as_strided((n, g, d), strides, query.storage_offset() + rows.start * query.stride(0))
+        else:
+            q = query[rows].reshape(shape)    # q is a strided view of qkv
+        if output.is_contiguous():
+            offset = output.storage_offset() + rows.start * output.stride(0)
+            return q, output.as_strided((n, g, d), strides, offset), True
+        return q, torch.empty_like(q), False
 
     def head_split_attention(self, layer, query, kv_cache, metadata, output) -> None:
         """The stock kernel over the head-split view ``[blocks * Hk, 1, block, 2D]`` of the cache: each (row, KV

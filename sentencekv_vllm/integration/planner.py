@@ -450,7 +450,9 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
         valid = STATE.store.valid.index_select(1, g.unit_slots.reshape(-1)).view(-1, *g.unit_slots.shape, hk)
         if policies.get(policy).dot_score and native.usable(tables):
             # the host tier maps logical blocks through the hot sets itself
-            selector = native.BlockSelector(plan, g.unit_slots, g.slot, tables if g.host is None else None, hk)
+            store = STATE.store
+            selector = native.BlockSelector(plan, g.unit_slots, g.slot, tables if g.host is None else None, hk,
+                                            store.units[policies.get(policy).slots[0]], store.qsum, valid)
     return PagedGroup(plan, tables, md, blocks, valid, selector)
 
 

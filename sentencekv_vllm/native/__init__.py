@@ -1,14 +1,17 @@
 """Native CPU kernels for the per-layer decode bookkeeping: paged block selection and the running-sum fold; and
 the host tier's spill (rows copied straight into the host slots) and hot-set resolution on CPU.
 
-Why: a served CPU worker runs one OpenMP thread (vLLM keeps a core for the scheduler) and every layer's weights
-evict the caches, so each torch op of the paged selection pays a dispatch and a cold read: measured in
-``vllm serve`` at 1 x 7.5k (SmolLM2, float32), selection took ~180 us per layer (a dozen ops, each intermediate
-written and read back) and the fold ~55 us, against ~170 us for the attention kernel itself. The work is one pass
-over the rows' centroids: ``kernels.c`` does it in ~50 us (selection) and a few us (fold). ``torch.compile``
-(inductor, CPU) measured slower than eager here (its call wrapper), so it is not used.
+Why: every layer's weights evict the caches, so each torch op of the paged selection pays a dispatch and a cold
+read: measured in ``vllm serve`` at 1 x 7.5k (SmolLM2, float32), selection took ~180 us per layer (a dozen ops,
+each intermediate written and read back) and the fold ~55 us, against ~170 us for the attention kernel itself. The
+work is one pass over the rows' centroids: ``kernels.c`` does it in ~50 us (selection) and a few us (fold), and a
+layer's rows are found by pointer arithmetic, not by tensor views made per layer. With OpenMP (when the compiler
+has it) the selection shares a batch's rows among torch's intra-op threads (the two a served worker on this
+machine runs): at 8 x 7.5k, 267 -> 125 us per layer. ``torch.compile`` (inductor, CPU) measured slower than eager
+here (its call wrapper), so it is not used.
 
-The C file is compiled on first use for this machine (``cc -O3 -march=native``, ``$CC`` if set), cached under
+The C file is compiled on first use for this machine (``cc -O3 -march=native -fopenmp``, without OpenMP if that
+fails; ``$CC`` if set), cached under
 ``$SENTENCEKV_CACHE/native`` (default ``~/.cache/sentencekv_vllm/native``) keyed by source, compiler and CPU flags,
 and called through ``ctypes`` on the tensors' memory. It mirrors the torch reference (``core/blocks.py``,
 ``UnitStore.fold_open``): the same blocks in the same order, the same fold bit for bit; unit scores are float32
@@ -35,14 +38,16 @@ from sentencekv_vllm.core.blocks import BlockPlan
 
 ENV = "SENTENCEKV_NATIVE"
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp-simd")
+OPENMP = ("-fopenmp",)
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "skv_plan_blocks": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I],
     "skv_select_blocks": [_P, _I, ctypes.c_int, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P,
-                          _P, _P, _P],
+                          _P, _P, _P, _I],
+    "skv_openmp": [],
     "skv_fold": [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I, _I, _I, _I, _P, _P, _I],
     "skv_copy_rows": [_P, _P, _I, _P, _P, _I, _I],
     "skv_hot_resolve": [_P, _I, _P, _P, _I, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _P,
@@ -71,30 +76,42 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     lib.skv_plan_blocks.restype = _I
+    lib.skv_openmp.restype = ctypes.c_int
     log.info("SentenceKV: native CPU kernels loaded from %s", path)
     return lib
 
 
 def _build() -> Path:
+    """With OpenMP when the compiler has it (the selection then shares a batch's rows among torch's threads:
+    ``libgomp.so.1`` resolves to the copy torch already loaded, so it is torch's own thread pool), else without."""
     compiler = os.environ.get("CC", "cc")
     exe = shutil.which(compiler)
     if exe is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not found)")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), exe, version, " ".join(FLAGS), platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SENTENCEKV_CACHE", Path.home() / ".cache" / "sentencekv_vllm")) / "native"
-    path = cache / f"kernels-{key}.so"
-    if path.exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:     # several workers may build at once: rename atomically
-        out = Path(tmp) / path.name
-        done = subprocess.run([exe, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{compiler} {' '.join(FLAGS)} failed: {done.stderr.strip()[-400:]}")
-        os.replace(out, path)
-    return path
+    error = ""
+    for flags in (FLAGS + OPENMP, FLAGS):
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), exe, version, " ".join(flags), platform.machine(),
+                                        _cpu_flags()]).encode()).hexdigest()[:16]
+        path = cache / f"kernels-{key}.so"
+        if path.exists():
+            return path
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:     # several workers may build at once: rename atomically
+            out = Path(tmp) / path.name
+            done = subprocess.run([exe, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(out, path)
+                return path
+        error = f"{compiler} {' '.join(flags)} failed: {done.stderr.strip()[-400:]}"
+    raise RuntimeError(error)
+
+
+def threads() -> int:
+    """Threads the native selection may use: torch's intra-op threads when the kernels have OpenMP."""
+    lib = library()
+    return torch.get_num_threads() if lib is not None and lib.skv_openmp() else 1
 
 
 def _cpu_flags() -> str:
@@ -141,41 +158,55 @@ def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tens
 class BlockSelector:
     """The paged selection of one sparse group for one step, every layer (``core/blocks.py``'s ``block_scores`` +
     ``select_blocks`` + ``physical_tables`` for the sentencekv policy): the step's fixed inputs, workspaces, output
-    buffer and call arguments are made once; a call scores one layer's centroids with its query sums.
+    buffer, call arguments and every layer's pointers are made once; a call scores one layer's centroids with its
+    query sums.
+
+    Why the pointers: a served layer's forward runs after the layer's weights went through the caches, and there
+    each tensor made in Python (``pool[layer]``: a view) costs microseconds; three per layer were more than the
+    kernel's own time at batch 1. A layer's rows are found by arithmetic on the step's base pointers instead.
 
     The output buffer is shared by the step's layers: each layer's attention reads its tables before the next
     layer selects (CPU ops are synchronous; the native path runs on CPU only)."""
 
     def __init__(self, plan: BlockPlan, unit_slots: torch.Tensor, slot: torch.Tensor,
-                 tables: torch.Tensor | None, num_kv_heads: int) -> None:
+                 tables: torch.Tensor | None, num_kv_heads: int, cent: torch.Tensor, qsum: torch.Tensor,
+                 valid: torch.Tensor) -> None:
+        """``cent`` ``[L, P, Hk, D]`` the unit pool (float32, bfloat16 or float16), ``qsum`` ``[L, max_reqs, Hk, D]``
+        float32 the open query sums (each layer's rows contiguous), ``valid`` ``[L, R, S, Hk]`` bool whether each
+        head may take each unit."""
         r, s = unit_slots.shape
         hk, w, nb1 = num_kv_heads, plan.width, plan.base.shape[1]
         logical = tables is None
+        if cent.dim() != 4 or not cent[0].is_contiguous() or not qsum[0].is_contiguous():
+            raise ValueError("BlockSelector needs [L, P, Hk, D] pools with contiguous layers")
+        valid = valid.contiguous()
+        nt = min(threads(), r)     # one workspace per thread
         # kept alive for the pointers below
         self._inputs = (plan.cand.long().contiguous(), plan.num_blocks.long().contiguous(),
                         unit_slots.long().contiguous(), slot.long().contiguous(),
-                        None if logical else tables.int().contiguous(), torch.empty(hk * (s + 3)),
-                        torch.empty(nb1), torch.empty(w, dtype=torch.long))
-        cand, num_blocks, units, slots, tabs, ext, score, top = self._inputs
+                        None if logical else tables.int().contiguous(), torch.empty(nt * hk * (s + 3)),
+                        torch.empty(nt * nb1), torch.empty(nt * w, dtype=torch.long), cent, qsum, valid)
+        cand, num_blocks, units, slots, tabs, ext, score, top = self._inputs[:8]
         self.out = torch.empty((r, hk, w) if logical else (r * hk, w), dtype=torch.long if logical else torch.int32)
+        self._layers = [(cent.data_ptr() + i * cent.stride(0) * cent.element_size(),
+                         qsum.data_ptr() + i * qsum.stride(0) * qsum.element_size(),
+                         valid.data_ptr() + i * valid.stride(0) * valid.element_size()) for i in range(cent.shape[0])]
         ptr = lambda t: None if t is None else t.data_ptr()    # noqa: E731
         # skv_select_blocks(cent, cent_row, cdt, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks,
-        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables): 0-4 and 8 vary per layer
-        self._args = [None, 0, 0, None, 0, slots.data_ptr(), units.data_ptr(), s, None, cand.data_ptr(), nb1,
-                      cand.shape[1] // nb1, num_blocks.data_ptr(), ptr(tabs), r, hk, 0, w, ext.data_ptr(),
-                      score.data_ptr(), top.data_ptr(), self.out.data_ptr() if logical else None,
-                      None if logical else self.out.data_ptr()]
+        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables, threads): 0, 3 and 8 vary
+        #                   per layer
+        self._args = [None, cent.stride(1), DTYPES[cent.dtype], None, qsum.stride(1), slots.data_ptr(),
+                      units.data_ptr(), s, None, cand.data_ptr(), nb1, cand.shape[1] // nb1, num_blocks.data_ptr(),
+                      ptr(tabs), r, hk, cent.shape[-1], w, ext.data_ptr(), score.data_ptr(), top.data_ptr(),
+                      self.out.data_ptr() if logical else None, None if logical else self.out.data_ptr(), nt]
         self._fn = library().skv_select_blocks
 
-    def __call__(self, cent: torch.Tensor, qsum: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """One layer: ``cent`` ``[P, Hk, D]`` (float32, bfloat16 or float16) and ``qsum`` ``[max_reqs, Hk, D]``
-        float32 (the store's rows, each row contiguous), ``valid`` ``[R, S, Hk]`` bool. Returns the head-split block
-        tables ``[R * Hk, W]`` int32, or the logical blocks ``[R, Hk, W]`` int64 when the selector has no tables (the
-        host tier maps them through the hot sets itself)."""
-        args, valid = self._args, valid.contiguous()
-        args[0], args[1], args[2] = cent.data_ptr(), cent.stride(0), DTYPES[cent.dtype]
-        args[3], args[4] = qsum.data_ptr(), qsum.stride(0)
-        args[8], args[16] = valid.data_ptr(), cent.shape[-1]
+    def __call__(self, layer: int) -> torch.Tensor:
+        """One layer. Returns the head-split block tables ``[R * Hk, W]`` int32, or the logical blocks
+        ``[R, Hk, W]`` int64 when the selector has no tables (the host tier maps them through the hot sets
+        itself)."""
+        args = self._args
+        args[0], args[3], args[8] = self._layers[layer]
         self._fn(*args)
         return self.out
 
@@ -191,6 +222,9 @@ class Folder:
         """qsum / key_sum: the store's ``[L, max_reqs, Hk, D]`` float32 sums (key_sum None: no key statistic)."""
         self._rows = (tok.long().contiguous(), slot.long().contiguous())
         self._sums = (qsum, key_sum)
+        # each layer's rows by pointer arithmetic: no tensor made per layer (see BlockSelector)
+        self._layers = [tuple(None if t is None else t.data_ptr() + i * t.stride(0) * t.element_size()
+                              for t in (qsum, key_sum)) for i in range(qsum.shape[0])]
         self._args: list | None = None
         self._fn = library().skv_fold
 
@@ -203,9 +237,8 @@ class Folder:
             args = self._args = self._bind(query, key)
             if args is None:
                 return False
-        qsum, key_sum = self._sums
-        args[0], args[2], args[11] = query.data_ptr(), key.data_ptr(), qsum[layer].data_ptr()
-        args[12] = key_sum[layer].data_ptr() if key_sum is not None else None
+        args[0], args[2] = query.data_ptr(), key.data_ptr()
+        args[11], args[12] = self._layers[layer]
         self._fn(*args)
         return True
 

@@ -11,6 +11,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define FIXED 1e30f
 #define UNCOVERED (-1e38f)
@@ -29,17 +32,14 @@ static inline float from_bf16(uint16_t h) {
 
 #define AS_FLOAT(x) ((float)(x))
 
-/* q . c over d_len elements in 16 float32 lanes; c in float32, bf16 or fp16 (the index is kept in the model's
- * dtype), converted on load. One body for the three element types. */
+/* q . c over d_len elements; c in float32, bf16 or fp16 (the index is kept in the model's dtype), converted on
+ * load. One body for the three element types; the sum is a SIMD reduction (lanes, then a tree), whose order is
+ * fixed by the build, not by the data or the batch. */
 #define DEFINE_DOT(NAME, T, CVT)                                                    \
     static inline float NAME(const float *q, const T *c, int64_t d_len) {        \
-        float acc[16] = {0};                                                     \
-        int64_t d = 0;                                                           \
-        for (; d + 16 <= d_len; d += 16)                                         \
-            for (int j = 0; j < 16; j++) acc[j] += q[d + j] * CVT(c[d + j]);     \
         float tot = 0.f;                                                         \
-        for (; d < d_len; d++) tot += q[d] * CVT(c[d]);                          \
-        for (int j = 0; j < 16; j++) tot += acc[j];                              \
+        _Pragma("omp simd reduction(+:tot)")                                     \
+        for (int64_t d = 0; d < d_len; d++) tot += q[d] * CVT(c[d]);             \
         return tot;                                                              \
     }
 DEFINE_DOT(dot_f32, float, AS_FLOAT)
@@ -72,52 +72,83 @@ static int64_t top_blocks(const float *score, int64_t nb1, int64_t k, int64_t *t
     return n;
 }
 
+/* One row of skv_select_blocks (below): its units scored in one pass over their pool rows (all heads of a unit
+ * are contiguous), then each head ranks its blocks. ext [Hk, S + 3], score [NB1], top [W]: this thread's
+ * workspaces. */
+static void select_row(int64_t r, const void *cent, int64_t cent_row, int cdt, const float *qsum, int64_t q_row,
+                       const int64_t *slot, const int64_t *unit_slots, int64_t S, const uint8_t *valid,
+                       const int64_t *cand, int64_t NB1, int64_t M, const int64_t *nblocks, const int32_t *tables,
+                       int64_t H, int64_t D, int64_t W, float *ext, float *score, int64_t *top, int64_t *blocks,
+                       int32_t *out_tables) {
+    const int64_t E = S + 3;
+    const int64_t esize = cdt == 0 ? 4 : 2;
+    const float *q = qsum + slot[r] * q_row;
+    for (int64_t s = 0; s < S; s++) {
+        const char *c = (const char *)cent + unit_slots[r * S + s] * cent_row * esize;
+        const uint8_t *ok = valid + (r * S + s) * H;
+        for (int64_t h = 0; h < H; h++)
+            ext[h * E + s] = ok[h] ? dot_any(q + h * D, c + h * D * esize, D, cdt) : -__builtin_inff();
+    }
+    const int64_t *c = cand + r * NB1 * M;
+    for (int64_t h = 0; h < H; h++) {
+        float *x = ext + h * E;
+        x[S] = UNCOVERED;
+        x[S + 1] = FIXED;
+        x[S + 2] = -__builtin_inff();
+        for (int64_t b = 0; b < NB1; b++) {
+            float m = x[c[b * M]];
+            for (int64_t j = 1; j < M; j++) {
+                const float v = x[c[b * M + j]];
+                if (v > m) m = v;
+            }
+            score[b] = m;
+        }
+        const int64_t n = top_blocks(score, NB1, nblocks[r], top);
+        const int64_t row = r * H + h;
+        for (int64_t i = 0; i < W; i++) {
+            const int64_t blk = i < n ? top[i] : NB1 - 1;
+            if (blocks) blocks[row * W + i] = blk;
+            if (out_tables) out_tables[row * W + i] = tables[row * NB1 + blk];
+        }
+    }
+}
+
 /* cent: one layer's centroid pool, ``cent_row`` elements per unit ([Hk, D]) of dtype ``cdt`` (codes below); qsum: one layer's open query sums,
  * ``q_row`` floats per request slot; slot [R]; unit_slots [R, S]; valid [R, S, Hk] (bytes); cand [R, NB1 * M]
  * (BlockPlan.cand: indices into the unit scores extended by UNCOVERED, FIXED, -inf); nblocks [R] blocks per row;
- * tables [R, Hk, NB1] int32 head-split ids (may be NULL); ext [Hk, S + 3], score [NB1], top [W]: workspaces.
+ * tables [R, Hk, NB1] int32 head-split ids (may be NULL); ext [T, Hk, S + 3], score [T, NB1], top [T, W]: one
+ * workspace per thread, T = ``threads``.
  * Out: blocks [R, Hk, W] int64 logical blocks (may be NULL) and / or out_tables [R * Hk, W] int32 (needs tables);
  * slots past a row's own block count hold the padding column NB1 - 1.
- * A row's units are scored in one pass over their pool rows (all heads of a unit are contiguous), then each head
- * ranks its blocks. */
+ * Rows are independent: with OpenMP they are shared among up to ``threads`` threads (the caller's team: in a
+ * served worker, the threads vLLM pinned for torch). */
 void skv_select_blocks(const void *cent, int64_t cent_row, int cdt, const float *qsum, int64_t q_row, const int64_t *slot,
                        const int64_t *unit_slots, int64_t S, const uint8_t *valid, const int64_t *cand,
                        int64_t NB1, int64_t M, const int64_t *nblocks, const int32_t *tables, int64_t R,
                        int64_t H, int64_t D, int64_t W, float *ext, float *score, int64_t *top,
-                       int64_t *blocks, int32_t *out_tables) {
-    const int64_t E = S + 3;
-    const int64_t esize = cdt == 0 ? 4 : 2;
+                       int64_t *blocks, int32_t *out_tables, int64_t threads) {
+    const int64_t nt = threads < R ? threads : R;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
     for (int64_t r = 0; r < R; r++) {
-        const float *q = qsum + slot[r] * q_row;
-        for (int64_t s = 0; s < S; s++) {
-            const char *c = (const char *)cent + unit_slots[r * S + s] * cent_row * esize;
-            const uint8_t *ok = valid + (r * S + s) * H;
-            for (int64_t h = 0; h < H; h++)
-                ext[h * E + s] = ok[h] ? dot_any(q + h * D, c + h * D * esize, D, cdt) : -__builtin_inff();
-        }
-        const int64_t *c = cand + r * NB1 * M;
-        for (int64_t h = 0; h < H; h++) {
-            float *x = ext + h * E;
-            x[S] = UNCOVERED;
-            x[S + 1] = FIXED;
-            x[S + 2] = -__builtin_inff();
-            for (int64_t b = 0; b < NB1; b++) {
-                float m = x[c[b * M]];
-                for (int64_t j = 1; j < M; j++) {
-                    const float v = x[c[b * M + j]];
-                    if (v > m) m = v;
-                }
-                score[b] = m;
-            }
-            const int64_t n = top_blocks(score, NB1, nblocks[r], top);
-            const int64_t row = r * H + h;
-            for (int64_t i = 0; i < W; i++) {
-                const int64_t blk = i < n ? top[i] : NB1 - 1;
-                if (blocks) blocks[row * W + i] = blk;
-                if (out_tables) out_tables[row * W + i] = tables[row * NB1 + blk];
-            }
-        }
+        int64_t t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        select_row(r, cent, cent_row, cdt, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks, tables,
+                   H, D, W, ext + t * H * (S + 3), score + t * NB1, top + t * W, blocks, out_tables);
     }
+    (void)nt;
+}
+
+/* 1 when built with OpenMP (skv_select_blocks then shares rows among threads). */
+int skv_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* The blocks [first, last] a unit [start, end) touches (core/blocks.py: clamped at 0, at least one block). */

@@ -47,11 +47,20 @@ def _group(gen: torch.Generator, rows: int, budgets: list[int]):
     return plan, unit_valid
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """The native selection shares a batch's rows among torch's threads (OpenMP builds): one and two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("index_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,budgets", [(1, [1024]), (1, [256]), (3, [512, 1024, 320]), (8, [1024] * 8)])
-def test_block_selection_matches_torch(rows, budgets, index_dtype):
+def test_block_selection_matches_torch(rows, budgets, index_dtype, threads):
     """Every index dtype (the index is kept in the model's dtype): the torch path scores the same values in
-    float32."""
+    float32; with one thread and with the rows shared among two."""
     gen = torch.Generator().manual_seed(rows * 7 + budgets[0])
     plan, unit_valid = _group(gen, rows, budgets)
     s = unit_valid.shape[1]
@@ -70,9 +79,9 @@ def test_block_selection_matches_torch(rows, budgets, index_dtype):
     scores = (units * store.query_sums(0, req_slots)[:, None]).sum(-1).transpose(1, 2)
     blocks = select_blocks(block_scores(scores, plan, valid.transpose(1, 2)), plan)
 
-    cent, qsum = store.units["centroid"][0], store.qsum[0]
-    by_table = native.BlockSelector(plan, slots, req_slots, tables, HK)(cent, qsum, valid)
-    by_block = native.BlockSelector(plan, slots, req_slots, None, HK)(cent, qsum, valid)
+    pools = (store.units["centroid"], store.qsum, valid[None])
+    by_table = native.BlockSelector(plan, slots, req_slots, tables, HK, *pools)(0)
+    by_block = native.BlockSelector(plan, slots, req_slots, None, HK, *pools)(0)
     assert torch.equal(by_block, blocks)
     assert torch.equal(by_table, physical_tables(blocks, tables))
 
