@@ -127,6 +127,12 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and library() is not None
 
 
+def _layer_ptrs(t: torch.Tensor) -> list[int]:
+    """The address of each ``t[i]`` (made once per step: a view per layer costs more than the kernel)."""
+    base, step = t.data_ptr(), t.stride(0) * t.element_size()
+    return [base + i * step for i in range(t.shape[0])]
+
+
 def plan_blocks(starts: torch.Tensor, ends: torch.Tensor, unit_valid: torch.Tensor, seq_lens: torch.Tensor,
                 budget: torch.Tensor, sinks: int, tail_start: torch.Tensor, block_size: int) -> BlockPlan:
     """``core.blocks.plan_blocks`` in one native call, the same plan (CPU tensors). The per-step plan is ~40 small
@@ -188,9 +194,7 @@ class BlockSelector:
                         torch.empty(nt * nb1), torch.empty(nt * w, dtype=torch.long), cent, qsum, valid)
         cand, num_blocks, units, slots, tabs, ext, score, top = self._inputs[:8]
         self.out = torch.empty((r, hk, w) if logical else (r * hk, w), dtype=torch.long if logical else torch.int32)
-        self._layers = [(cent.data_ptr() + i * cent.stride(0) * cent.element_size(),
-                         qsum.data_ptr() + i * qsum.stride(0) * qsum.element_size(),
-                         valid.data_ptr() + i * valid.stride(0) * valid.element_size()) for i in range(cent.shape[0])]
+        self._layers = list(zip(*(_layer_ptrs(t) for t in (cent, qsum, valid)), strict=True))
         ptr = lambda t: None if t is None else t.data_ptr()    # noqa: E731
         # skv_select_blocks(cent, cent_row, cdt, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks,
         #                   tables, R, H, D, W, ext, score, top, blocks, out_tables, threads): 0, 3 and 8 vary
@@ -223,8 +227,8 @@ class Folder:
         self._rows = (tok.long().contiguous(), slot.long().contiguous())
         self._sums = (qsum, key_sum)
         # each layer's rows by pointer arithmetic: no tensor made per layer (see BlockSelector)
-        self._layers = [tuple(None if t is None else t.data_ptr() + i * t.stride(0) * t.element_size()
-                              for t in (qsum, key_sum)) for i in range(qsum.shape[0])]
+        self._layers = list(zip(_layer_ptrs(qsum), _layer_ptrs(key_sum) if key_sum is not None
+                                else [None] * qsum.shape[0], strict=True))
         self._args: list | None = None
         self._fn = library().skv_fold
 
