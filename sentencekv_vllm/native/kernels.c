@@ -15,6 +15,13 @@
 #include <omp.h>
 #endif
 
+/* units ahead whose centroid rows the selection prefetches (the hardware prefetchers did not keep up even on
+ * contiguous rows, and a row's units may be scattered over the pool): measured at 8 x 7.5k (bf16, 13-token
+ * sentences, caches flushed, variants interleaved in one process): 208 -> 136 us per layer on two threads, 4 to
+ * 16 units ahead alike */
+#ifndef PF
+#define PF 4
+#endif
 #define FIXED 1e30f
 #define UNCOVERED (-1e38f)
 
@@ -83,8 +90,13 @@ static void select_row(int64_t r, const void *cent, int64_t cent_row, int cdt, c
     const int64_t E = S + 3;
     const int64_t esize = cdt == 0 ? 4 : 2;
     const float *q = qsum + slot[r] * q_row;
+    const int64_t row_bytes = cent_row * esize;
     for (int64_t s = 0; s < S; s++) {
-        const char *c = (const char *)cent + unit_slots[r * S + s] * cent_row * esize;
+        const char *c = (const char *)cent + unit_slots[r * S + s] * row_bytes;
+        if (PF > 0 && s + PF < S) {
+            const char *n = (const char *)cent + unit_slots[r * S + s + PF] * row_bytes;
+            for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(n + o, 0, 3);
+        }
         const uint8_t *ok = valid + (r * S + s) * H;
         for (int64_t h = 0; h < H; h++)
             ext[h * E + s] = ok[h] ? dot_any(q + h * D, c + h * D * esize, D, cdt) : -__builtin_inff();
