@@ -122,9 +122,9 @@ def paged_step(cache: PagedCache, q: torch.Tensor, t: int, tau: int, cents: Unit
 
     slots = torch.arange(r)
     store.qsum[0, :r] = qsum
-    valid = store.valid_rows(0, unit_slots)     # the engine gathers every layer's masks once per step
+    valid = store.valid_rows(0, unit_slots)     # the torch path: the engine gathers every layer's masks once per step
     selector = native.BlockSelector(plan, unit_slots, slots, tables, hk, store.units["centroid"], store.qsum,
-                                    valid[None]) if use_native else None
+                                    store.valid) if use_native else None
 
     def run() -> torch.Tensor:
         if selector is not None:

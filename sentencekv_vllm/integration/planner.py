@@ -446,13 +446,14 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
     blocks = select_blocks(recency_scores(plan, hk), plan) if policy == "streaming" else None
     valid = selector = None
     tables = head_split_tables(g.block_table, hk, plan.trash)
-    if blocks is None:     # the unit masks of every layer in one gather (per layer: a view)
-        valid = STATE.store.valid.index_select(1, g.unit_slots.reshape(-1)).view(-1, *g.unit_slots.shape, hk)
+    if blocks is None:
+        store = STATE.store
         if policies.get(policy).dot_score and native.usable(tables):
             # the host tier maps logical blocks through the hot sets itself
-            store = STATE.store
             selector = native.BlockSelector(plan, g.unit_slots, g.slot, tables if g.host is None else None, hk,
-                                            store.units[policies.get(policy).slots[0]], store.qsum, valid)
+                                            store.units[policies.get(policy).slots[0]], store.qsum, store.valid)
+        else:     # the unit masks of every layer in one gather (per layer: a view)
+            valid = store.valid.index_select(1, g.unit_slots.reshape(-1)).view(-1, *g.unit_slots.shape, hk)
     return PagedGroup(plan, tables, md, blocks, valid, selector)
 
 

@@ -178,14 +178,13 @@ class BlockSelector:
                  tables: torch.Tensor | None, num_kv_heads: int, cent: torch.Tensor, qsum: torch.Tensor,
                  valid: torch.Tensor) -> None:
         """``cent`` ``[L, P, Hk, D]`` the unit pool (float32, bfloat16 or float16), ``qsum`` ``[L, max_reqs, Hk, D]``
-        float32 the open query sums (each layer's rows contiguous), ``valid`` ``[L, R, S, Hk]`` bool whether each
-        head may take each unit."""
+        float32 the open query sums, ``valid`` ``[L, P, Hk]`` bool whether each head may take each pool unit (the
+        store's tensors, each layer contiguous; read through ``unit_slots``, no per-step gather)."""
         r, s = unit_slots.shape
         hk, w, nb1 = num_kv_heads, plan.width, plan.base.shape[1]
         logical = tables is None
-        if cent.dim() != 4 or not cent[0].is_contiguous() or not qsum[0].is_contiguous():
-            raise ValueError("BlockSelector needs [L, P, Hk, D] pools with contiguous layers")
-        valid = valid.contiguous()
+        if cent.dim() != 4 or not all(t[0].is_contiguous() for t in (cent, qsum, valid)):
+            raise ValueError("BlockSelector needs [L, P, Hk, D] / [L, P, Hk] pools with contiguous layers")
         nt = min(threads(), r)     # one workspace per thread
         # kept alive for the pointers below
         self._inputs = (plan.cand.long().contiguous(), plan.num_blocks.long().contiguous(),

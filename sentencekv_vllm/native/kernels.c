@@ -97,7 +97,7 @@ static void select_row(int64_t r, const void *cent, int64_t cent_row, int cdt, c
             const char *n = (const char *)cent + unit_slots[r * S + s + PF] * row_bytes;
             for (int64_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(n + o, 0, 3);
         }
-        const uint8_t *ok = valid + (r * S + s) * H;
+        const uint8_t *ok = valid + unit_slots[r * S + s] * H;
         for (int64_t h = 0; h < H; h++)
             ext[h * E + s] = ok[h] ? dot_any(q + h * D, c + h * D * esize, D, cdt) : -__builtin_inff();
     }
@@ -126,7 +126,8 @@ static void select_row(int64_t r, const void *cent, int64_t cent_row, int cdt, c
 }
 
 /* cent: one layer's centroid pool, ``cent_row`` elements per unit ([Hk, D]) of dtype ``cdt`` (codes below); qsum: one layer's open query sums,
- * ``q_row`` floats per request slot; slot [R]; unit_slots [R, S]; valid [R, S, Hk] (bytes); cand [R, NB1 * M]
+ * ``q_row`` floats per request slot; slot [R]; unit_slots [R, S]; valid: one layer's unit-pool masks [P, Hk] (bytes:
+ * the head may take the unit); cand [R, NB1 * M]
  * (BlockPlan.cand: indices into the unit scores extended by UNCOVERED, FIXED, -inf); nblocks [R] blocks per row;
  * tables [R, Hk, NB1] int32 head-split ids (may be NULL); ext [T, Hk, S + 3], score [T, NB1], top [T, W]: one
  * workspace per thread, T = ``threads``.

@@ -65,7 +65,8 @@ def test_block_selection_matches_torch(rows, budgets, index_dtype, threads):
     plan, unit_valid = _group(gen, rows, budgets)
     s = unit_valid.shape[1]
     store = UnitStore(1, HK, HQ, D, 16, torch.device("cpu"), ("centroid",), unit_dtype=index_dtype)
-    slots = torch.tensor(store.alloc_units(rows * s)).view(rows, s)
+    pool = torch.tensor(store.alloc_units(rows * s + 64))     # rows' units scattered over the pool
+    slots = pool[torch.randperm(len(pool), generator=gen)[:rows * s]].view(rows, s)
     # small integers: exact dot products in any order; few distinct values: many ties
     store.set_units("centroid", 0, slots, torch.randint(-2, 3, (rows, s, HK, D), generator=gen).float())
     store.valid[0, slots] = (torch.rand(rows, s, HK, generator=gen) > 0.1) & unit_valid[..., None]
@@ -79,7 +80,7 @@ def test_block_selection_matches_torch(rows, budgets, index_dtype, threads):
     scores = (units * store.query_sums(0, req_slots)[:, None]).sum(-1).transpose(1, 2)
     blocks = select_blocks(block_scores(scores, plan, valid.transpose(1, 2)), plan)
 
-    pools = (store.units["centroid"], store.qsum, valid[None])
+    pools = (store.units["centroid"], store.qsum, store.valid)
     by_table = native.BlockSelector(plan, slots, req_slots, tables, HK, *pools)(0)
     by_block = native.BlockSelector(plan, slots, req_slots, None, HK, *pools)(0)
     assert torch.equal(by_block, blocks)
