@@ -38,9 +38,9 @@ def snapkv_importance(obs_queries: torch.Tensor, keys: torch.Tensor, pool_kernel
     q = obs_queries.float().view(w, hk, g, d)
     k = keys.float()
     logits = torch.einsum("whgd,thd->hgwt", q, k) / d ** 0.5            # [Hk, G, W, T]
-    q_pos = torch.arange(t - w, t, device=keys.device)
-    causal = torch.arange(t, device=keys.device)[None, :] > q_pos[:, None]  # [W, T] future keys
-    logits = logits.masked_fill(causal, float("-inf"))
+    # causal: only the window's own keys can lie in a window query's future (a [W, W] corner, masked in place)
+    future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., t - w:].masked_fill_(future, float("-inf"))
     attn = logits.softmax(dim=-1).sum(dim=2).mean(dim=1)                  # [Hk, T]
     pooled = F.avg_pool1d(attn[:, None, :], pool_kernel, stride=1, padding=pool_kernel // 2,
                           count_include_pad=False)[:, 0]
