@@ -40,8 +40,33 @@ static inline float from_bf16(uint16_t h) {
 #define AS_FLOAT(x) ((float)(x))
 
 /* q . c over d_len elements; c in float32, bf16 or fp16 (the index is kept in the model's dtype), converted on
- * load. One body for the three element types; the sum is a SIMD reduction (lanes, then a tree), whose order is
- * fixed by the build, not by the data or the batch. */
+ * load; one body for the three element types (T: f32_t, bf16_t, f16_t). With AVX2 + FMA + F16C: two 8-lane
+ * accumulators and a shuffle-tree sum in registers (the compiler's own reduction summed the lanes one by one
+ * through the stack: 10-17 % of the selection, measured interleaved at 1 and 8 rows, cold and L2-resident);
+ * elsewhere a SIMD reduction the compiler vectorises. Either way the order is fixed by the build, not by the data
+ * or the batch. */
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LOAD8_f32_t(p) _mm256_loadu_ps(p)
+#define LOAD8_bf16_t(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LOAD8_f16_t(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define DEFINE_DOT(NAME, T, CVT)                                                     \
+    static inline float NAME(const float *q, const T *c, int64_t d_len) {          \
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();                 \
+        int64_t d = 0;                                                             \
+        for (; d + 16 <= d_len; d += 16) {                                         \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), LOAD8_##T(c + d), a0);    \
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), LOAD8_##T(c + d + 8), a1); \
+        }                                                                          \
+        const __m256 a = _mm256_add_ps(a0, a1);                                    \
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)); \
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                    \
+        s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));                                \
+        float tot = _mm_cvtss_f32(s);                                              \
+        for (; d < d_len; d++) tot += q[d] * CVT(c[d]);                            \
+        return tot;                                                                \
+    }
+#else
 #define DEFINE_DOT(NAME, T, CVT)                                                    \
     static inline float NAME(const float *q, const T *c, int64_t d_len) {        \
         float tot = 0.f;                                                         \
@@ -49,9 +74,13 @@ static inline float from_bf16(uint16_t h) {
         for (int64_t d = 0; d < d_len; d++) tot += q[d] * CVT(c[d]);             \
         return tot;                                                              \
     }
-DEFINE_DOT(dot_f32, float, AS_FLOAT)
-DEFINE_DOT(dot_bf16, uint16_t, from_bf16)
-DEFINE_DOT(dot_f16, _Float16, AS_FLOAT)
+#endif
+typedef float f32_t;
+typedef uint16_t bf16_t;
+typedef _Float16 f16_t;
+DEFINE_DOT(dot_f32, f32_t, AS_FLOAT)
+DEFINE_DOT(dot_bf16, bf16_t, from_bf16)
+DEFINE_DOT(dot_f16, f16_t, AS_FLOAT)
 
 /* dtype codes: 0 float32, 1 bfloat16, 2 float16 */
 static inline float dot_any(const float *q, const void *c, int64_t d_len, int dtype) {

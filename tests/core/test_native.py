@@ -61,6 +61,34 @@ def threads(request):
 def test_block_selection_matches_torch(rows, budgets, index_dtype, threads):
     """Every index dtype (the index is kept in the model's dtype): the torch path scores the same values in
     float32; with one thread and with the rows shared among two."""
+    _check_selection(rows, budgets, index_dtype)
+
+
+FALLBACKS = {   # a compiler wrapper for each build the library falls back to on other machines
+    "no-openmp": 'for a in "$@"; do [ "$a" = "-fopenmp" ] && exit 1; done\nexec cc "$@"\n',
+    "no-avx2": 'exec cc "$@" -mno-avx2 -mno-fma -mno-avx512f\n',
+}
+
+
+@pytest.mark.parametrize("build", sorted(FALLBACKS))
+def test_fallback_builds_select_the_same_blocks(build, tmp_path, monkeypatch):
+    """A compiler without OpenMP (one thread), a CPU without AVX2 (the portable dot): the same blocks."""
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n" + FALLBACKS[build])
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("SENTENCEKV_CACHE", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        assert native.threads() == (1 if build == "no-openmp" else torch.get_num_threads())
+        _check_selection(8, [1024] * 8, torch.bfloat16)
+        _check_selection(3, [512, 1024, 320], torch.float32)
+    finally:
+        native.library.cache_clear()
+
+
+def _check_selection(rows: int, budgets: list[int], index_dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(rows * 7 + budgets[0])
     plan, unit_valid = _group(gen, rows, budgets)
     s = unit_valid.shape[1]
