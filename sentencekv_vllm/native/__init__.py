@@ -7,8 +7,8 @@ each intermediate written and read back) and the fold ~55 us, against ~170 us fo
 work is one pass over the rows' centroids: ``kernels.c`` does it in ~50 us (selection) and a few us (fold), and a
 layer's rows are found by pointer arithmetic, not by tensor views made per layer. With OpenMP (when the compiler
 has it) the selection shares a batch's rows among torch's intra-op threads (the two a served worker on this
-machine runs): at 8 x 7.5k (bf16, caches flushed), 262 us per layer on one thread, 118 us on two. ``torch.compile`` (inductor, CPU) measured slower than eager
-here (its call wrapper), so it is not used.
+machine runs): at 8 x 7.5k (bf16, caches flushed), 262 us per layer on one thread, 118 us on two.
+``torch.compile`` (inductor, CPU) measured slower than eager here (its call wrapper), so it is not used.
 
 The C file is compiled on first use for this machine (``cc -O3 -march=native -fopenmp``, without OpenMP if that
 fails; ``$CC`` if set), cached under
