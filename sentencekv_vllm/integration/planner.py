@@ -85,7 +85,8 @@ class PagedGroup:
     tables: torch.Tensor                # [R, Hk, NB+1] head-split block id of each logical block
     metadata: Any                       # stock metadata of the head-split batch (block table set per layer)
     blocks: torch.Tensor | None = None  # [R, Hk, W] logical blocks when they do not depend on the layer (streaming)
-    valid: torch.Tensor | None = None   # [L, R, S, Hk] whether each head may take each unit, every layer (one gather)
+    valid: torch.Tensor | None = None   # [L, R, S, Hk] whether each head may take each unit, every layer (one
+    #                                     gather; the torch path only: the native selector reads the store's masks)
     native: native.BlockSelector | None = None   # the selection in one native call per layer (CPU, dot scores)
 
 
