@@ -90,14 +90,14 @@ def _build() -> Path:
         raise RuntimeError(f"no C compiler ({compiler!r} not found)")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout
     cache = Path(os.environ.get("SENTENCEKV_CACHE", Path.home() / ".cache" / "sentencekv_vllm")) / "native"
+    cache.mkdir(parents=True, exist_ok=True)
+    fixed = [SOURCE.read_text(), exe, version, platform.machine(), _cpu_flags()]
     error = ""
     for flags in (FLAGS + OPENMP, FLAGS):
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), exe, version, " ".join(flags), platform.machine(),
-                                        _cpu_flags()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\n".join([*fixed, " ".join(flags)]).encode()).hexdigest()[:16]
         path = cache / f"kernels-{key}.so"
         if path.exists():
             return path
-        cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:     # several workers may build at once: rename atomically
             out = Path(tmp) / path.name
             done = subprocess.run([exe, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
