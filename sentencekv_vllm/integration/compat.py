@@ -12,6 +12,7 @@ Used: the V1 GPU/CPU model runner's ``input_batch`` (``req_ids``, ``token_ids_cp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -103,15 +104,21 @@ def cpu_attention(impl: Any, layer: Any, query: torch.Tensor, key_cache: torch.T
                   output: torch.Tensor, metadata: Any) -> None:
     """CPU_ATTN's decode kernel with the arguments ``CPUAttentionBackendImpl.forward`` passes it (vLLM 0.32),
     on caches already split into key and value views."""
-    from vllm import _custom_ops as ops
+    _cpu_attention_op()(
+        query, key_cache, value_cache, output, metadata.query_start_loc, metadata.seq_lens, impl.scale,
+        metadata.causal, impl.alibi_slopes, impl.sliding_window, metadata.block_table, impl.logits_soft_cap,
+        metadata.scheduler_metadata, impl.sinks, metadata.dynamic_causal, layer._k_scale_float,
+        layer._v_scale_float, impl.kv_cache_dtype)
 
-    ops.cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
-        query_start_loc=metadata.query_start_loc, seq_lens=metadata.seq_lens, scale=impl.scale,
-        causal=metadata.causal, alibi_slopes=impl.alibi_slopes, sliding_window=impl.sliding_window,
-        block_table=metadata.block_table, softcap=impl.logits_soft_cap,
-        scheduler_metadata=metadata.scheduler_metadata, s_aux=impl.sinks, dynamic_causal=metadata.dynamic_causal,
-        k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype)
+
+@functools.cache
+def _cpu_attention_op() -> Any:
+    """The kernel's overload itself, called with positional arguments in the order of vLLM 0.32's
+    ``_custom_ops.cpu_attention_with_kv_cache``: its Python wrapper, keyword arguments and overload resolution cost
+    ~15 us a call on a cold cache, a tenth of the kernel on a short selection (called once per sparse layer)."""
+    import vllm._custom_ops  # noqa: F401  (loads the ``_C`` library that registers the op)
+
+    return torch.ops._C.cpu_attention_with_kv_cache.default
 
 
 def layer_index(layer_name: str) -> int:

@@ -209,7 +209,7 @@ class SentenceKVImplMixin:
         policy = policies.get(group.policy)
         blocks, table = paged.blocks, None
         if paged.native is not None:       # one native call: the tables, or the logical blocks (host tier)
-            found = paged.native(layer_idx)
+            found = paged.native(layer_idx, query)
             blocks, table = (found, None) if group.host is not None else (None, found)
         elif blocks is None:
             valid = paged.valid[layer_idx]
@@ -225,27 +225,31 @@ class SentenceKVImplMixin:
             table = physical_tables(blocks, paged.tables)
         paged.metadata.block_table = table
         t2 = time.perf_counter()
-        q, out, in_place = self._head_split_rows(query, output, group, kv_cache.shape[1])
+        q, out, in_place = self._head_split_rows(query, output, group, kv_cache.shape[1],
+                                                 paged.native.query if paged.native is not None else None)
         self.head_split_attention(layer, q, kv_cache, paged.metadata, out)
         if not in_place:
             output[group.tok] = out.view(-1, self.num_heads, self.head_size)
         metrics.observe_decode_phases(selection=t1 - t0, attention=time.perf_counter() - t2, transfer=t2 - t1)
         return paged.plan.seq_lens.tolist() if layer_idx == 0 else []
 
-    def _head_split_rows(self, query, output, group: SparseGroup, hk: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The group's queries and outputs as ``[R * Hk, Hq / Hk, D]`` (each (row, KV head) one sequence). When
-        the rows are consecutive and a row's heads contiguous, these are views made by one ``as_strided`` each: a
-        served layer runs after its weights went through the caches, where every tensor op in Python costs
-        microseconds. Otherwise the query is copied, and the output (``in_place`` False) written back by the
-        caller."""
+    def _head_split_rows(self, query, output, group: SparseGroup, hk: int,
+                         gathered: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The group's queries and outputs as ``[R * Hk, Hq / Hk, D]`` (each (row, KV head) one sequence).
+        ``gathered``: the query already in that shape (the native selection copies it). When the rows are
+        consecutive and a row's heads contiguous, the others are views made by one ``as_strided`` each: a served
+        layer runs after its weights went through the caches, where every tensor op in Python costs microseconds.
+        Otherwise the query is copied, and the output (``in_place`` False) written back by the caller."""
         g, d = self.num_heads // hk, self.head_size
         shape, strides = (-1, g, d), (g * d, d, 1)
         rows = group.rows
         if rows is None:
-            q = query[group.tok].reshape(shape)
+            q = gathered if gathered is not None else query[group.tok].reshape(shape)
             return q, torch.empty_like(q), False
         n = (rows.stop - rows.start) * hk
-        if n == hk and _heads_contiguous(query, d):     # one row: its heads are a contiguous [Hq, D] in qkv
+        if gathered is not None:
+            q = gathered
+        elif n == hk and _heads_contiguous(query, d):     # one row: its heads are a contiguous [Hq, D] in qkv
             q = query.as_strided((n, g, d), strides, query.storage_offset() + rows.start * query.stride(0))
         else:
             q = query[rows].reshape(shape)    # q is a strided view of qkv

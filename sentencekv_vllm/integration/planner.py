@@ -452,7 +452,8 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
         if policies.get(policy).dot_score and native.usable(tables):
             # the host tier maps logical blocks through the hot sets itself
             selector = native.BlockSelector(plan, g.unit_slots, g.slot, tables if g.host is None else None, hk,
-                                            store.units[policies.get(policy).slots[0]], store.qsum, store.valid)
+                                            store.units[policies.get(policy).slots[0]], store.qsum, store.valid,
+                                            g.tok)
         else:     # the unit masks of every layer in one gather (per layer: a view)
             valid = store.valid.index_select(1, g.unit_slots.reshape(-1)).view(-1, *g.unit_slots.shape, hk)
     return PagedGroup(plan, tables, md, blocks, valid, selector)

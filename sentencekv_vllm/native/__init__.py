@@ -46,7 +46,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "skv_plan_blocks": [_P, _P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I],
     "skv_select_blocks": [_P, _I, ctypes.c_int, _P, _I, _P, _P, _I, _P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _P,
-                          _P, _P, _P, _I],
+                          _P, _P, _P, _P, _I, _P, _P, _I, _I],
     "skv_openmp": [],
     "skv_fold": [_P, _I, _P, _I, ctypes.c_int, _P, _P, _I, _I, _I, _I, _P, _P, _I],
     "skv_copy_rows": [_P, _P, _I, _P, _P, _I, _I],
@@ -171,15 +171,18 @@ class BlockSelector:
     each tensor made in Python (``pool[layer]``: a view) costs microseconds; three per layer were more than the
     kernel's own time at batch 1. A layer's rows are found by arithmetic on the step's base pointers instead.
 
-    The output buffer is shared by the step's layers: each layer's attention reads its tables before the next
-    layer selects (CPU ops are synchronous; the native path runs on CPU only)."""
+    The call also copies the rows' query into :attr:`query`, the head-split kernel's query ``[R * Hk, Hq / Hk, D]``
+    made once per step (several rows' heads are not one strided view of the fused qkv; a copy in torch made two
+    tensors per layer). The output buffers are shared by the step's layers: each layer's attention reads its
+    tables and query before the next layer selects (CPU ops are synchronous; the native path runs on CPU only)."""
 
     def __init__(self, plan: BlockPlan, unit_slots: torch.Tensor, slot: torch.Tensor,
                  tables: torch.Tensor | None, num_kv_heads: int, cent: torch.Tensor, qsum: torch.Tensor,
-                 valid: torch.Tensor) -> None:
+                 valid: torch.Tensor, tok: torch.Tensor | None = None) -> None:
         """``cent`` ``[L, P, Hk, D]`` the unit pool (float32, bfloat16 or float16), ``qsum`` ``[L, max_reqs, Hk, D]``
         float32 the open query sums, ``valid`` ``[L, P, Hk]`` bool whether each head may take each pool unit (the
-        store's tensors, each layer contiguous; read through ``unit_slots``, no per-step gather)."""
+        store's tensors, each layer contiguous; read through ``unit_slots``, no per-step gather); ``tok`` ``[R]``
+        the rows' token indices in the layer's query (None: no query copy)."""
         r, s = unit_slots.shape
         hk, w, nb1 = num_kv_heads, plan.width, plan.base.shape[1]
         logical = tables is None
@@ -193,25 +196,50 @@ class BlockSelector:
                         torch.empty(nt * nb1), torch.empty(nt * w, dtype=torch.long), cent, qsum, valid)
         cand, num_blocks, units, slots, tabs, ext, score, top = self._inputs[:8]
         self.out = torch.empty((r, hk, w) if logical else (r * hk, w), dtype=torch.long if logical else torch.int32)
+        self.query: torch.Tensor | None = None
+        self._tok = None if tok is None else tok.long().contiguous()
+        self._query_layout: tuple | None = None
         self._layers = list(zip(*(_layer_ptrs(t) for t in (cent, qsum, valid)), strict=True))
         ptr = lambda t: None if t is None else t.data_ptr()    # noqa: E731
         # skv_select_blocks(cent, cent_row, cdt, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks,
-        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables, threads): 0, 3 and 8 vary
-        #                   per layer
+        #                   tables, R, H, D, W, ext, score, top, blocks, out_tables, query, query_stride, tok,
+        #                   query_out, query_bytes, threads): 0, 3, 8 and 23 vary per layer
         self._args = [None, cent.stride(1), DTYPES[cent.dtype], None, qsum.stride(1), slots.data_ptr(),
                       units.data_ptr(), s, None, cand.data_ptr(), nb1, cand.shape[1] // nb1, num_blocks.data_ptr(),
                       ptr(tabs), r, hk, cent.shape[-1], w, ext.data_ptr(), score.data_ptr(), top.data_ptr(),
-                      self.out.data_ptr() if logical else None, None if logical else self.out.data_ptr(), nt]
+                      self.out.data_ptr() if logical else None, None if logical else self.out.data_ptr(),
+                      None, 0, ptr(self._tok), None, 0, nt]
         self._fn = library().skv_select_blocks
 
-    def __call__(self, layer: int) -> torch.Tensor:
-        """One layer. Returns the head-split block tables ``[R * Hk, W]`` int32, or the logical blocks
-        ``[R, Hk, W]`` int64 when the selector has no tables (the host tier maps them through the hot sets
-        itself)."""
+    def __call__(self, layer: int, query: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer; ``query`` ``[T, Hq, D]`` the layer's query, whose rows ``tok`` are copied to :attr:`query`
+        (left None when its heads are not contiguous: the caller copies them itself). Returns the head-split block
+        tables ``[R * Hk, W]`` int32, or the logical blocks ``[R, Hk, W]`` int64 when the selector has no tables
+        (the host tier maps them through the hot sets itself)."""
         args = self._args
         args[0], args[3], args[8] = self._layers[layer]
+        if query is not None and self._tok is not None:
+            layout = (query.dtype, query.shape[1:], query.stride())
+            if layout != self._query_layout:
+                self._bind_query(query, layout)
+            args[23] = query.data_ptr() if self.query is not None else None
         self._fn(*args)
         return self.out
+
+    def _bind_query(self, query: torch.Tensor, layout: tuple) -> None:
+        """The query buffer for this layout (every layer of a step shares one), or none when the rows' heads are
+        not contiguous."""
+        self._query_layout = layout
+        r, hk = self._args[14], self._args[15]
+        if query.dim() != 3 or query.stride(2) != 1 or query.stride(1) != query.shape[2] or query.shape[1] % hk:
+            self.query = None
+            return
+        hq, d = query.shape[1], query.shape[2]
+        buf = torch.empty(r, hq, d, dtype=query.dtype)
+        self.query = buf.view(r * hk, hq // hk, d)
+        self._args[24] = query.stride(0) * query.element_size()
+        self._args[26] = buf.data_ptr()
+        self._args[27] = hq * d * query.element_size()
 
 
 class Folder:

@@ -162,13 +162,16 @@ static void select_row(int64_t r, const void *cent, int64_t cent_row, int cdt, c
  * workspace per thread, T = ``threads``.
  * Out: blocks [R, Hk, W] int64 logical blocks (may be NULL) and / or out_tables [R * Hk, W] int32 (needs tables);
  * slots past a row's own block count hold the padding column NB1 - 1.
+ * query (may be NULL): the layer's query, row tok[r] at byte offset tok[r] * query_stride, its heads' query_bytes
+ * contiguous; copied to row r of query_out, the head-split kernel's query (so the layer makes no tensor for it).
  * Rows are independent: with OpenMP they are shared among up to ``threads`` threads (the caller's team: in a
  * served worker, the threads vLLM pinned for torch). */
 void skv_select_blocks(const void *cent, int64_t cent_row, int cdt, const float *qsum, int64_t q_row, const int64_t *slot,
                        const int64_t *unit_slots, int64_t S, const uint8_t *valid, const int64_t *cand,
                        int64_t NB1, int64_t M, const int64_t *nblocks, const int32_t *tables, int64_t R,
                        int64_t H, int64_t D, int64_t W, float *ext, float *score, int64_t *top,
-                       int64_t *blocks, int32_t *out_tables, int64_t threads) {
+                       int64_t *blocks, int32_t *out_tables, const char *query, int64_t query_stride,
+                       const int64_t *tok, char *query_out, int64_t query_bytes, int64_t threads) {
     const int64_t nt = threads < R ? threads : R;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -178,6 +181,7 @@ void skv_select_blocks(const void *cent, int64_t cent_row, int cdt, const float 
 #ifdef _OPENMP
         t = omp_get_thread_num();
 #endif
+        if (query) memcpy(query_out + r * query_bytes, query + tok[r] * query_stride, (size_t)query_bytes);
         select_row(r, cent, cent_row, cdt, qsum, q_row, slot, unit_slots, S, valid, cand, NB1, M, nblocks, tables,
                    H, D, W, ext + t * H * (S + 3), score + t * NB1, top + t * W, blocks, out_tables);
     }

@@ -119,6 +119,31 @@ def _check_selection(rows: int, budgets: list[int], index_dtype: torch.dtype) ->
     assert torch.equal(by_table, physical_tables(blocks, tables))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_copies_the_head_split_query(dtype, threads):
+    """The selection call copies the rows' query (scattered rows of a strided qkv view) into the head-split
+    kernel's query, each layer into the same buffer; a query whose heads are not contiguous is left to the caller."""
+    gen = torch.Generator().manual_seed(5)
+    rows = 3
+    plan, unit_valid = _group(gen, rows, [512, 1024, 320])
+    s = unit_valid.shape[1]
+    store = UnitStore(2, HK, HQ, D, 16, torch.device("cpu"), ("centroid",), unit_dtype=dtype)
+    slots = torch.tensor(store.alloc_units(rows * s)).view(rows, s)
+    tok = torch.tensor([7, 2, 4])
+    selector = native.BlockSelector(plan, slots, torch.arange(rows), None, HK, store.units["centroid"], store.qsum,
+                                    store.valid, tok)
+    buffer = None
+    for layer in range(2):
+        fused = torch.randn(9, (HQ + 2 * HK) * D, generator=gen).to(dtype)
+        query = fused[:, :HQ * D].view(9, HQ, D)
+        selector(layer, query)
+        assert torch.equal(selector.query, query[tok].reshape(rows * HK, HQ // HK, D))
+        buffer = buffer if buffer is not None else selector.query.data_ptr()
+        assert selector.query.data_ptr() == buffer
+    selector(0, torch.randn(HQ, 9, D, generator=gen).to(dtype).transpose(0, 1))
+    assert selector.query is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fold_matches_torch_bit_for_bit(dtype):
     gen = torch.Generator().manual_seed(3)
