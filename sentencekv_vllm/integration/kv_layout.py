@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from sentencekv_vllm import native
+
 WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -76,6 +78,10 @@ class BlockLayout:
         """Keys ``[hi - lo, Hk, D]`` of one row's positions ``lo..hi-1`` (``block_row`` ``[max_blocks]``): the
         blocks holding them copied whole, then the keys picked with the block's own offset table. Two gathers
         whatever the block interior (AMX's packed keys too), instead of one per token and head (and no values)."""
+        if native.usable(kv_cache):     # one pass over the keys alone
+            keys = native.gather_keys(kv_cache, block_row, self.k_off, lo, hi)
+            if keys is not None:
+                return keys
         bs = self.block_size
         first, last = lo // bs, (hi - 1) // bs
         data = flat_blocks(kv_cache).index_select(0, block_row[first:last + 1].long())

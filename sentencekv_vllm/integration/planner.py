@@ -134,6 +134,7 @@ class SparseGroup:
 class DenseSubset:
     tok: torch.Tensor          # flat token indices of the dense rows
     metadata: Any              # the stock backend's metadata for that sub-batch
+    rows: slice | None = None  # ``tok`` as a slice when the rows are consecutive (views instead of copies)
 
 
 @dataclass
@@ -467,4 +468,5 @@ def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: 
     sub_qsl[1:] = lens.cumsum(0)
     idx = torch.tensor(rows, device=dev)
     md = builder.subset_metadata(base, sub_qsl.to(dev), cm.seq_lens[idx], cm.block_table_tensor[idx], len(tok))
-    return DenseSubset(tok=tok, metadata=md)
+    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+    return DenseSubset(tok=tok, metadata=md, rows=slice(qsl[rows[0]], qsl[rows[-1] + 1]) if consecutive else None)

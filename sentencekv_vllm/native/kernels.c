@@ -386,3 +386,59 @@ void skv_hot_resolve(const int64_t *rows, int64_t R, const int64_t *logical, con
         }
     }
 }
+
+/* BlockLayout.range_keys: the keys of positions [lo, hi) of one request, [hi - lo, n] elements of ``esize`` bytes,
+ * from its blocks block_row[] of a cache whose blocks are ``block_bytes`` apart; k_off [bs, n] the element offset
+ * of each (token in block, head * D + d) inside a block (the probed layout: AMX's packed keys too). Tokens are
+ * shared among ``threads`` threads. Replaces copying the blocks whole (values too) and then picking the keys. */
+void skv_gather_keys(const char *cache, int64_t block_bytes, const int64_t *block_row, const int64_t *k_off,
+                     int64_t bs, int64_t n, int64_t esize, int64_t lo, int64_t hi, char *out, int64_t threads) {
+    const int64_t nt = threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && hi - lo > 64)
+#endif
+    for (int64_t t = lo; t < hi; t++) {
+        const char *block = cache + block_row[t / bs] * block_bytes;
+        const int64_t *off = k_off + (t % bs) * n;
+        char *dst = out + (t - lo) * n * esize;
+        if (esize == 2)
+            for (int64_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = ((const uint16_t *)block)[off[i]];
+        else
+            for (int64_t i = 0; i < n; i++) ((uint32_t *)dst)[i] = ((const uint32_t *)block)[off[i]];
+    }
+    (void)nt;
+}
+
+/* core/index.py's sentence_centroids, float32 keys [T, H, D]: per span [start, end) and head the mean of all its
+ * keys and of its retained ones (retained [H, T] bytes, may be NULL: all), summed in token order from zero as
+ * index_add_ does (the same bits). cent [S, H, D]: the retained mean, or the mean of all keys where the head
+ * retained none; has [S, H]: whether it retained any. Spans are shared among ``threads`` threads. */
+void skv_centroids(const float *keys, int64_t T, int64_t H, int64_t D, const int64_t *spans, int64_t S,
+                   const uint8_t *retained, float *cent, uint8_t *has, int64_t threads) {
+    const int64_t nt = threads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && S > 8)
+#endif
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t a = spans[2 * s] < 0 ? 0 : spans[2 * s], b = spans[2 * s + 1] > T ? T : spans[2 * s + 1];
+        const float all_cnt = (float)(spans[2 * s + 1] - spans[2 * s] < 1 ? 1 : spans[2 * s + 1] - spans[2 * s]);
+        for (int64_t h = 0; h < H; h++) {
+            float all[D], kept[D];
+            float cnt = 0.f;
+            for (int64_t d = 0; d < D; d++) all[d] = kept[d] = 0.f;
+            for (int64_t t = a; t < b; t++) {
+                const float *k = keys + (t * H + h) * D;
+                const int r = retained ? retained[h * T + t] : 1;
+                for (int64_t d = 0; d < D; d++) all[d] += k[d];
+                if (r) {
+                    for (int64_t d = 0; d < D; d++) kept[d] += k[d];
+                    cnt += 1.f;
+                }
+            }
+            float *c = cent + (s * H + h) * D;
+            has[s * H + h] = cnt > 0;
+            for (int64_t d = 0; d < D; d++) c[d] = cnt > 0 ? kept[d] / cnt : all[d] / all_cnt;
+        }
+    }
+    (void)nt;
+}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sentencekv_vllm import native
 from sentencekv_vllm.core.index import retention_mask, sentence_centroids, snapkv_importance
 from sentencekv_vllm.core.selection import UnitFeatures
 from sentencekv_vllm.policies.base import Policy, PolicyConfig, Tensors
@@ -27,7 +28,8 @@ class SentenceKV(Policy):
         keys = keys.float()     # once for both (16-bit caches: ~0.6 ms a layer at 7.5k tokens each time)
         if obs is not None:
             retained = retention_mask(snapkv_importance(obs, keys, cfg.pool_kernel), cfg.semantic_budget)
-        cent, valid = sentence_centroids(keys, spans, retained, cfg.keep_unretained)
+        centroids = native.sentence_centroids if native.usable(keys) else sentence_centroids    # the same
+        cent, valid = centroids(keys, spans, retained, cfg.keep_unretained)
         return {"centroid": cent}, valid
 
     def close_open(self, open_rows: Tensors, count: torch.Tensor) -> dict[str, torch.Tensor]:

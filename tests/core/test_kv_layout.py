@@ -3,9 +3,21 @@
 import pytest
 import torch
 
+from sentencekv_vllm import native
 from sentencekv_vllm.integration.kv_layout import BlockLayout
 
 HK, BS, D = 3, 32, 16
+
+
+@pytest.fixture(params=["native", "torch"])
+def key_reader(request, monkeypatch):
+    """``range_keys`` through the native gather (CPU, library built) and through torch (elsewhere)."""
+    if request.param == "native":
+        if not native.usable(torch.zeros(1)):
+            pytest.skip("native kernels not built")
+    else:
+        monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    return request.param
 
 
 def write_cpu_like(key, value, cache, slots):
@@ -26,7 +38,7 @@ def write_scrambled(key, value, cache, slots):
 
 
 @pytest.mark.parametrize("write", [write_cpu_like, write_scrambled])
-def test_probe_and_gather_roundtrip(write):
+def test_probe_and_gather_roundtrip(write, key_reader):
     n_blocks = 6
     cache = torch.zeros(n_blocks, HK, BS, 2 * D, dtype=torch.bfloat16)
     layout = BlockLayout.probe(write, cache, BS, HK, D)
@@ -64,7 +76,7 @@ def test_gather_per_query_head_reads_each_heads_kv_head():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_range_keys_reads_cpu_attns_own_layout(dtype):
+def test_range_keys_reads_cpu_attns_own_layout(dtype, key_reader):
     """The prompt keys the index is built from, read back from a cache vLLM's CPU kernel wrote (bf16 on an AMX
     machine packs keys in pairs: the layout is not affine, the offset table handles it)."""
     ops = pytest.importorskip("vllm._custom_ops")

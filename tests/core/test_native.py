@@ -12,6 +12,7 @@ import torch
 
 from sentencekv_vllm import native
 from sentencekv_vllm.core.blocks import block_scores, head_split_tables, physical_tables, plan_blocks, select_blocks
+from sentencekv_vllm.core.index import sentence_centroids
 from sentencekv_vllm.core.selection import PAD_POS
 from sentencekv_vllm.integration.state import UnitStore
 
@@ -142,6 +143,23 @@ def test_selection_copies_the_head_split_query(dtype, threads):
         assert selector.query.data_ptr() == buffer
     selector(0, torch.randn(HQ, 9, D, generator=gen).to(dtype).transpose(0, 1))
     assert selector.query is None
+
+
+@pytest.mark.parametrize("keep_unretained", [True, False])
+@pytest.mark.parametrize("retain", [None, 0.3, 0.0])
+def test_centroids_match_torch_bit_for_bit(retain, keep_unretained, threads):
+    """The index's sentence centroids: the same bits as ``core.index.sentence_centroids`` (bf16 keys upcast, as
+    the index builds them), with and without a retention mask, and sentences that retained nothing."""
+    gen = torch.Generator().manual_seed(11)
+    t = 700
+    keys = torch.randn(t, HK, D, generator=gen).bfloat16().float() * 3
+    cuts = torch.sort(torch.randperm(t - 1, generator=gen)[:60] + 1).values.tolist()
+    bounds = [0, *cuts, t]
+    spans = torch.tensor([[a, b] for a, b in zip(bounds, bounds[1:], strict=False)])
+    retained = None if retain is None else torch.rand(HK, t, generator=gen) < retain
+    expected = sentence_centroids(keys, spans, retained, keep_unretained)
+    found = native.sentence_centroids(keys, spans, retained, keep_unretained)
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
