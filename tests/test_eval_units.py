@@ -126,3 +126,22 @@ def test_kernel_benchmark_times_stock_torch_and_native_selection():
     assert row["stock_ms"] > 0 and row["paged_ms"] > 0
     assert ("native_ms" in row) == (native.library() is not None)
     assert "native" in kernel.table(res) or native.library() is None
+
+
+def test_perf_table_reads_ttft_from_warm_repeats():
+    """With several repeats a point's TTFT is the median of the repeats after a server's first (which pays its
+    first long prefill); the run chosen for the step time may be a cold one."""
+    from sentencekv_vllm.eval.perf import table
+
+    def point(step, cold, warm):
+        row = {"step_ms": step, "ttft_s": cold, "round_step_ms": [step]}
+        return row if warm is None else {**row, "ttft_warm_s": warm}
+
+    results = {v: {"points": {"1x7500": point(step, 8.2, warm)}} for v, step, warm in
+               (("stock", 44.0, 4.3), ("sentencekv", 40.0, 4.5))}
+    text = table(results, [(1, 7500)])
+    assert "median of repeats after the first" in text and "| 4.30 / 4.50 |" in text
+    for v in results:
+        del results[v]["points"]["1x7500"]["ttft_warm_s"]
+    text = table(results, [(1, 7500)])
+    assert "median of repeats" not in text and "| 8.20 / 8.20 |" in text
