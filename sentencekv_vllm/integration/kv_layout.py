@@ -75,9 +75,10 @@ class BlockLayout:
         return self.gather_blocks(flat, blocks, positions)
 
     def range_keys(self, kv_cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Keys ``[hi - lo, Hk, D]`` of one row's positions ``lo..hi-1`` (``block_row`` ``[max_blocks]``): the
-        blocks holding them copied whole, then the keys picked with the block's own offset table. Two gathers
-        whatever the block interior (AMX's packed keys too), instead of one per token and head (and no values)."""
+        """Keys ``[hi - lo, Hk, D]`` of one row's positions ``lo..hi-1`` (``block_row`` ``[max_blocks]``), read
+        through the block's own offset table whatever its interior (AMX's packed keys too). On CPU one native pass
+        over the keys alone; elsewhere the blocks holding them are copied whole and the keys picked (two gathers,
+        instead of one per token and head)."""
         if native.usable(kv_cache):     # one pass over the keys alone
             keys = native.gather_keys(kv_cache, block_row, self.k_off, lo, hi)
             if keys is not None:
