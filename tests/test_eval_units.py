@@ -145,3 +145,24 @@ def test_perf_table_reads_ttft_from_warm_repeats():
         del results[v]["points"]["1x7500"]["ttft_warm_s"]
     text = table(results, [(1, 7500)])
     assert "median of repeats" not in text and "| 8.20 / 8.20 |" in text
+
+
+def test_perf_tables_report_the_prefill_bound():
+    """Batch job and ``vllm bench serve``: the last first token ends the prefill phase; floor / ceiling compare it
+    with stock's whole wall time / duration (what the variant would reach if decoding after it were free)."""
+    from sentencekv_vllm.eval.perf import bench_table, job_table, last_ttft
+
+    def job(wall, firsts):
+        return {"wall_s": wall, "output_tok_s": 1.0, "decode_tok_s": 1.0, "steady_tok_s": 1.0, "mean_tpot_ms": 1.0,
+                "peak_running": 2, "ttft_s": 1.0, "step_ms": None,
+                "chunk_times_s": [[f, f + 1.0] for f in firsts]}
+
+    results = {"stock": {"points": {"8x7500": job(100.0, [5.0, 60.0])}},
+               "host": {"points": {"8x7500": job(70.0, [5.0, 45.0])}}}
+    assert last_ttft(results["host"]["points"]["8x7500"]) == 45.0
+    text = job_table(results, [(8, 7500)])
+    assert "| 45.0 | 0.45x |" in text and "| 60.0 | 0.60x |" in text
+    bench = {"duration": 20.0, "output_throughput": 40.0, "last_ttft_s": 16.0}
+    for v in results:
+        results[v]["points"]["8x7500"]["vllm_bench"] = bench
+    assert "| 16.0 | 1.25x |" in bench_table(results, [(8, 7500)])

@@ -145,6 +145,8 @@ def vllm_bench(url: str, tokenizer_path: str, batch: int, length: int, max_token
     keys = ("duration", "completed", "output_throughput", "total_token_throughput")
     out = {k: res.get(k) for k in keys}
     out.update({k: v for k, v in res.items() if k.startswith(("median_", "p50_", "p90_", "p99_", "mean_"))})
+    if res.get("ttfts"):    # every request is sent at once: the last first token ends the prefill phase
+        out["last_ttft_s"] = max(res["ttfts"])
     return out
 
 
@@ -281,8 +283,8 @@ def _spread(results: dict[str, Any], variant: str, key: str) -> str:
 def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
     """The whole job per point and variant: what a batch job in a fixed pool costs (``--pool-requests``)."""
     lines = ["| requests × prompt | variant | wall s | wall vs stock | output tok/s | decode tok/s | decode vs stock |"
-             " steady decode tok/s | steady vs stock | mean TPOT ms | peak running | median TTFT s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " steady decode tok/s | steady vs stock | mean TPOT ms | peak running | median TTFT s | last TTFT s |"
+             " floor vs stock |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for batch, length in points:
         key = f"{batch}x{length}"
         stock = results.get("stock", {}).get("points", {}).get(key)
@@ -294,8 +296,16 @@ def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             ratio = f"{steady / stock['steady_tok_s']:.2f}x" if stock and steady and stock.get("steady_tok_s") else ""
             lines.append(f"| {batch} × {length} | {variant} | {r['wall_s']:.1f} | {wall} | {r['output_tok_s']:.2f} | "
                          f"{r['decode_tok_s']:.2f} | {dec} | {steady or float('nan'):.2f} | {ratio} | "
-                         f"{r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | {r['ttft_s']:.2f} |")
-    return "\n".join(lines) + "\n"
+                         f"{r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | {r['ttft_s']:.2f} | "
+                         f"{last_ttft(r):.1f} | {last_ttft(r) / stock['wall_s'] if stock else float('nan'):.2f}x |")
+    return "\n".join(lines) + "\n" + ("\nlast TTFT: when the last request got its first token (prefills are serial "
+                                     "on one engine); floor: that time over stock's wall time, the wall-time ratio "
+                                     "the variant would reach if every decode step after it cost nothing.\n")
+
+
+def last_ttft(run: dict) -> float:
+    """Seconds from the first request's start to the last request's first token: no job ends before it."""
+    return max(times[0] for times in run["chunk_times_s"])
 
 
 def tier_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
@@ -319,14 +329,20 @@ def bench_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
         return ""
     lines = ["", "`vllm bench serve` (random prompts, all at once, prefill included):", "",
              "| requests × prompt | variant | output tok/s | vs stock | median TTFT ms | median TPOT ms | p99 TPOT ms |"
-             " duration s |", "|---|---|---|---|---|---|---|---|"]
+             " duration s | last TTFT s | ceiling vs stock |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, variant, vb in rows:
         stock = results.get("stock", {}).get("points", {}).get(key, {}).get("vllm_bench")
         ratio = f"{vb['output_throughput'] / stock['output_throughput']:.2f}x" if stock else ""
+        last = vb.get("last_ttft_s")
+        ceiling = f"{stock['duration'] / last:.2f}x" if stock and last else ""
         lines.append(f"| {key.replace('x', ' × ')} | {variant} | {vb['output_throughput']:.2f} | {ratio} | "
                      f"{vb.get('median_ttft_ms', 0):.0f} | {vb.get('median_tpot_ms', 0):.1f} | "
-                     f"{vb.get('p99_tpot_ms', 0):.1f} | {vb['duration']:.1f} |")
-    return "\n".join(lines) + "\n"
+                     f"{vb.get('p99_tpot_ms', 0):.1f} | {vb['duration']:.1f} | {last or float('nan'):.1f} | "
+                     f"{ceiling} |")
+    note = ("\nlast TTFT: when the last request got its first token (every request was sent at once, so prefill "
+            "ends there); ceiling: stock's duration over that time, the output-throughput ratio the variant would "
+            "reach if every step after it cost nothing.\n")
+    return "\n".join(lines) + "\n" + (note if any(r[2].get("last_ttft_s") for r in rows) else "")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -346,7 +362,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("ms per step")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
