@@ -132,9 +132,9 @@ class SparseGroup:
 
 @dataclass
 class DenseSubset:
-    tok: torch.Tensor          # flat token indices of the dense rows
-    metadata: Any              # the stock backend's metadata for that sub-batch
-    rows: slice | None = None  # ``tok`` as a slice when the rows are consecutive (views instead of copies)
+    metadata: Any                       # the stock backend's metadata for that sub-batch
+    rows: slice | None = None           # the rows' tokens when the rows are consecutive (views instead of copies)
+    tok: torch.Tensor | None = None     # else their flat token indices
 
 
 @dataclass
@@ -462,11 +462,12 @@ def _paged_group(builder: Any, base: Any, policy: str, g: SparseGroup, tail: tor
 
 def _dense_subset(builder: Any, base: Any, rows: list[int], qsl: list[int], cm: Any) -> DenseSubset:
     dev = cm.seq_lens.device
-    tok = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in rows]).to(dev)
     lens = torch.tensor([qsl[i + 1] - qsl[i] for i in rows])
     sub_qsl = torch.zeros(len(rows) + 1, dtype=cm.query_start_loc.dtype)
     sub_qsl[1:] = lens.cumsum(0)
     idx = torch.tensor(rows, device=dev)
-    md = builder.subset_metadata(base, sub_qsl.to(dev), cm.seq_lens[idx], cm.block_table_tensor[idx], len(tok))
-    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-    return DenseSubset(tok=tok, metadata=md, rows=slice(qsl[rows[0]], qsl[rows[-1] + 1]) if consecutive else None)
+    md = builder.subset_metadata(base, sub_qsl.to(dev), cm.seq_lens[idx], cm.block_table_tensor[idx],
+                                 int(sub_qsl[-1]))
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return DenseSubset(metadata=md, rows=slice(qsl[rows[0]], qsl[rows[-1] + 1]))
+    return DenseSubset(metadata=md, tok=torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in rows]).to(dev))
