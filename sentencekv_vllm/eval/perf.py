@@ -23,6 +23,10 @@ request has started: stock's last batch vs all of them with the host tier) and t
 
 With ``--vllm-bench`` every point also runs ``vllm bench serve`` (random dataset, the point's prompt length and
 batch, every request at once) against the same server: its output throughput includes prefill, as a user measures.
+
+Both whole-run tables also give the time of the last request's first token: with every request sent at once it
+ends the prefill phase, which SentenceKV runs exactly like stock. "ceiling" (bench) and "floor" (batch job) compare
+it with stock's whole run: the best ratio the variant could reach if every decode step after it cost nothing.
 """
 
 from __future__ import annotations
