@@ -35,9 +35,10 @@ def snapkv_importance(obs_queries: torch.Tensor, keys: torch.Tensor, pool_kernel
     w, hq, d = obs_queries.shape
     t, hk, _ = keys.shape
     g = hq // hk
-    q = obs_queries.float().view(w, hk, g, d)
-    k = keys.float()
-    logits = torch.einsum("whgd,thd->hgwt", q, k) / d ** 0.5            # [Hk, G, W, T]
+    q = obs_queries.float().view(w, hk, g, d).permute(1, 2, 0, 3).reshape(hk, g * w, d)
+    # keys as a strided [Hk, D, T] view and the scale in place: einsum copied the keys and the scaled logits were a
+    # second [Hk, G, W, T] float32 tensor (a third of the transient memory; at 128k x 32 query heads, 0.5 GB)
+    logits = torch.bmm(q, keys.float().permute(1, 2, 0)).view(hk, g, w, t).div_(d ** 0.5)    # [Hk, G, W, T]
     # causal: only the window's own keys can lie in a window query's future (a [W, W] corner, masked in place)
     future = torch.ones(w, w, dtype=torch.bool, device=keys.device).triu(1)
     logits[..., t - w:].masked_fill_(future, float("-inf"))

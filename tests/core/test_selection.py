@@ -116,6 +116,26 @@ def test_needle_sentence_selected_random_one_not(gen):
     assert not stream[:, s:e].any()
 
 
+def test_snapkv_importance_matches_a_per_head_loop(gen):
+    """Window queries' causal softmax attention summed over the window, averaged over each KV head's query group,
+    pooled along tokens; the window itself always highest."""
+    t, w, pool = 300, 16, 7
+    k = torch.randn(t, HK, D, generator=gen)
+    obs = torch.randn(w, HQ, D, generator=gen)
+    g = HQ // HK
+    want = torch.zeros(HK, t)
+    for h in range(HK):
+        for j in range(g):
+            for i in range(w):
+                pos = t - w + i                          # the query's own position: it sees keys 0..pos
+                att = torch.softmax(k[:pos + 1, h] @ obs[i, h * g + j] / D ** 0.5, dim=0)
+                want[h, :pos + 1] += att / g
+    want = torch.nn.functional.avg_pool1d(want[:, None], pool, 1, pool // 2, count_include_pad=False)[:, 0]
+    got = snapkv_importance(obs, k, pool)
+    torch.testing.assert_close(got[:, :t - w], want[:, :t - w], rtol=1e-5, atol=1e-6)
+    assert torch.isinf(got[:, t - w:]).all()
+
+
 def test_snapkv_retention_and_centroids(gen):
     t, w = 500, 32
     k = torch.randn(t, HK, D, generator=gen)
