@@ -298,10 +298,12 @@ def job_table(results: dict[str, Any], points: list[tuple[int, int]]) -> str:
             dec = f"{r['decode_tok_s'] / stock['decode_tok_s']:.2f}x" if stock else ""
             steady = r.get("steady_tok_s")
             ratio = f"{steady / stock['steady_tok_s']:.2f}x" if stock and steady and stock.get("steady_tok_s") else ""
+            last = last_ttft(r)
+            floor = f"{last / stock['wall_s']:.2f}x" if stock else ""
             lines.append(f"| {batch} × {length} | {variant} | {r['wall_s']:.1f} | {wall} | {r['output_tok_s']:.2f} | "
                          f"{r['decode_tok_s']:.2f} | {dec} | {steady or float('nan'):.2f} | {ratio} | "
                          f"{r['mean_tpot_ms']:.1f} | {r['peak_running']:g} | {r['ttft_s']:.2f} | "
-                         f"{last_ttft(r):.1f} | {last_ttft(r) / stock['wall_s'] if stock else float('nan'):.2f}x |")
+                         f"{last:.1f} | {floor} |")
     return "\n".join(lines) + "\n" + ("\nlast TTFT: when the last request got its first token (prefills are serial "
                                      "on one engine); floor: that time over stock's wall time, the wall-time ratio "
                                      "the variant would reach if every decode step after it cost nothing.\n")
