@@ -148,8 +148,8 @@ def _unit_pool(cents: UnitFeatures, hq: int, model_dtype: torch.dtype) -> tuple[
     from sentencekv_vllm.integration.state import UnitStore
 
     r, n, hk, d = cents.a.shape
-    store = UnitStore(1, hk, hq, d, r, cents.a.device, policies.get("sentencekv").slots,
-                      unit_dtype=index_dtype(model_dtype))
+    store = UnitStore(1, hk, hq, d, r, cents.a.device, policies.get("sentencekv").slots, capacity=r * n,
+                      unit_dtype=index_dtype(model_dtype))     # sized like the engine's start-up reservation
     slots = torch.tensor(store.alloc_units(r * n)).view(n, r).t().contiguous()
     store.set_units("centroid", 0, slots, cents.a.float())
     store.valid[0, slots] = cents.valid
