@@ -166,3 +166,20 @@ def test_perf_tables_report_the_prefill_bound():
     for v in results:
         results[v]["points"]["8x7500"]["vllm_bench"] = bench
     assert "| 16.0 | 1.25x |" in bench_table(results, [(8, 7500)])
+
+
+def test_memory_table_reports_aggregate_decode_rate():
+    """The memory benchmark's rows: aggregate decode tokens/s as issue #14 estimates it (running / TPOT) and the
+    batch's output tokens/s, each against FULL at the same prompt length."""
+    from sentencekv_vllm.eval.report import memory_table
+
+    def row(engine, running, tpot_s, tok_s):
+        return {"ctx": 7900, "engine": engine, "blocks_per_request": 10.0, "pool_blocks": 128, "requests": 10,
+                "peak_running": running, "tpot_s": tpot_s, "throughput_tok_s": tok_s, "transfer_s": 0.0,
+                "preemptions": 0.0}
+
+    text = memory_table([row("full", 2, 0.5, 4.0), row("sentencekv hot=1", 8, 1.0, 6.0)])
+    lines = text.splitlines()
+    assert "running / TPOT tok/s" in lines[0]
+    assert "| 500.00 | 4.00 | 1.00 | 4.00 | 1.00 |" in lines[2]
+    assert "| 1000.00 | 8.00 | 2.00 | 6.00 | 1.50 |" in lines[3]

@@ -114,7 +114,9 @@ def render(results: dict[str, Any]) -> str:
                 "",
                 "Pool sized for two FULL requests of the prompt length; device blocks/req: median of vLLM's KV usage "
                 "while one request decodes alone; max running: vLLM's running-requests gauge while all requests are "
-                "sent at once; hot = `hot_set_factor`.", "",
+                "sent at once; hot = `hot_set_factor`; running / TPOT: aggregate decode tokens/s estimated as "
+                "issue #14 does (a request's TPOT includes the steps it shares with other prompts' prefill chunks); "
+                "output tok/s: every streamed token over the batch's wall time, prefills included.", "",
                 memory_table(parts["memory"]["rows"]), ""]
         if parts["memory"].get("plot"):
             out += [f"![memory and concurrency]({parts['memory']['plot']})", ""]
@@ -188,8 +190,22 @@ def memory_table(rows: list[dict[str, Any]]) -> str:
 
         table.append([r["ctx"], r["engine"], r["blocks_per_request"], vs_full("blocks_per_request"),
                       r["pool_blocks"], r["requests"], r["peak_running"], vs_full("peak_running"),
-                      r["tpot_s"] * 1000, r.get("selection_s"), r.get("attention_s"), r["transfer_s"],
+                      r["tpot_s"] * 1000, _decode_rate(r), _ratio(_decode_rate(r), _decode_rate(base)),
+                      r.get("throughput_tok_s"), vs_full("throughput_tok_s"),
+                      r.get("selection_s"), r.get("attention_s"), r["transfer_s"],
                       r.get("hot_hit_rate"), r.get("host_token_share"), r.get("swap_in_blocks"), r["preemptions"]])
     return _table(["prompt tokens", "engine", "device blocks/req", "vs FULL", "pool blocks", "requests",
-                   "max running", "concurrency x", "TPOT ms", "selection s", "sparse attn s", "transfer s",
+                   "max running", "concurrency x", "TPOT ms", "running / TPOT tok/s", "vs FULL", "output tok/s",
+                   "vs FULL", "selection s", "sparse attn s", "transfer s",
                    "hot-set hit rate", "host-read token share", "swap-in blocks", "preemptions"], table)
+
+
+def _decode_rate(row: dict[str, Any]) -> float | None:
+    """Aggregate decode tokens/s as issue #14 estimates it: requests running at once over the mean TPOT. TPOT
+    includes the steps a request shares with other requests' prefill chunks."""
+    tpot = row.get("tpot_s")
+    return row["peak_running"] / tpot if tpot and tpot == tpot and row.get("peak_running") else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
