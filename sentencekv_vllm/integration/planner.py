@@ -148,11 +148,6 @@ class StepPlan:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def unit_kind() -> str:
-    """The segmenter of the server's units: sentences by the configured segmentation, or the units' own name."""
-    return STATE.cfg.segmentation if STATE.units == "sentences" else STATE.units
-
-
 def plan_step(builder: Any, cm: Any, base: Any) -> StepPlan:
     """``builder`` must offer ``subset_metadata(base, qsl, seq_lens, block_table, num_tokens)``."""
     t0 = time.perf_counter()
@@ -227,7 +222,7 @@ def _plan_prefill(plan: StepPlan, req: RequestState, row: RowInfo, i: int, q0: i
         plan.obs.append(ObsCopy(req, torch.arange(q0 + lo - ctx, q0 + hi - ctx), lo - (p - w)))
     if total < p:
         return
-    segmenter = STATE.segmenter(unit_kind())
+    segmenter = STATE.segmenter(STATE.unit_kind)
     prompt_ids = row.token_ids[:p]
     t0 = time.perf_counter()
     spans = spans_from_ends(segmenter.segment(prompt_ids.tolist()))
