@@ -83,7 +83,8 @@ class SentenceKVConfig(BaseModel):
         "on \"Dr.\", \"p.m.\"; generated text: the punct rules)."))
     spacy_model: str = Field("blank", description=(
         "`blank` (`spacy.blank(\"en\")` + sentencizer), or an installed spaCy pipeline's name or a saved "
-        "pipeline's directory (anything `spacy.load` accepts)."))
+        "pipeline's directory (anything `spacy.load` accepts). With `segmentation: spacy` the worker loads it at "
+        "start-up, and a name that is neither is refused before any engine process starts."))
     min_sentence_len: int = Field(4, gt=0, description=(
         "Shorter sentences are merged into the next one; at most `max_sentence_len`."))
     max_sentence_len: int = Field(128, gt=0, description="Longer sentences are split.")

@@ -191,6 +191,21 @@ class IncrementalSegmenter(_Stream):
         return ends
 
 
+def spacy_pipeline_missing(model: str) -> str | None:
+    """Why :class:`SpacySegmenter` could not load ``model``, or None when it can: ``blank`` / ``blank:<lang>``, an
+    installed pipeline package or a saved pipeline's directory. Checked without loading the pipeline, so that the
+    API server can refuse a bad name at start-up instead of the worker failing at the first prompt."""
+    from pathlib import Path
+
+    if model == "blank" or model.startswith("blank:"):
+        return None
+    import spacy.util
+
+    if spacy.util.is_package(model) or Path(model).expanduser().is_dir():
+        return None
+    return "neither an installed spaCy pipeline package nor a saved pipeline's directory"
+
+
 class SpacySegmenter:
     """Prompt segmentation with spaCy, mapped back to token indices; generated tokens use the punct stream."""
 

@@ -18,7 +18,7 @@ import functools
 import os
 from typing import Any
 
-from sentencekv_vllm.config import SentenceKVConfig, resolve_request
+from sentencekv_vllm.config import SentenceKVConfig, SentenceKVConfigError, resolve_request
 from sentencekv_vllm.integration.compat import install_request_validator
 from sentencekv_vllm.integration.log import get_logger
 from sentencekv_vllm.integration.registry import backend_path, is_sentencekv
@@ -165,6 +165,7 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
     from sentencekv_vllm.integration.trace import trace_dir
 
     trace_dir(cfg.trace_dir)    # an operator's trace directory (if any) is created here, failing early if bad
+    _check_spacy_model(cfg)
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _STOCK_WORKERS:
         parallel.worker_cls = CPU_WORKER if current_platform.is_cpu() else GPU_WORKER
@@ -177,6 +178,18 @@ def prepare_config(vllm_config: Any) -> SentenceKVConfig:
         logger.info("SentenceKV enabled: %s", cfg.to_dict())
         object.__setattr__(vllm_config, "_sentencekv_logged", True)
     return cfg
+
+
+def _check_spacy_model(cfg: SentenceKVConfig) -> None:
+    """``segmentation: spacy`` loads ``spacy_model`` in the worker at start-up; a name spaCy cannot load is refused
+    here first, naming the key, before any engine process starts."""
+    if cfg.segmentation != "spacy":
+        return
+    from sentencekv_vllm.core.segmentation import spacy_pipeline_missing
+
+    why = spacy_pipeline_missing(cfg.spacy_model)
+    if why:
+        raise SentenceKVConfigError("spacy_model", f"{cfg.spacy_model!r}: {why}")
 
 
 def select_v1_model_runner(vllm_config: Any) -> None:

@@ -9,6 +9,7 @@ from sentencekv_vllm.core.segmentation import (
     PunctSegmenter,
     SpacySegmenter,
     TokenClasses,
+    spacy_pipeline_missing,
     spans_from_ends,
 )
 from sentencekv_vllm.fixtures import haystack_text
@@ -97,3 +98,16 @@ def test_incremental_equals_batch(tokenizer, rule):
     stream = seg.stream()
     got = [e for i in ids for e in stream.push(i)] + stream.finish()
     assert got == seg.segment(ids)
+
+
+def test_spacy_pipeline_check_accepts_what_spacy_load_can_load(tmp_path):
+    """``spacy_model`` is checked at start-up without loading it: ``blank``, ``blank:<lang>`` and a saved
+    pipeline's directory pass, a name that is neither an installed package nor a directory does not."""
+    import spacy
+
+    spacy.blank("en").to_disk(tmp_path / "pipeline")
+    assert spacy_pipeline_missing("blank") is None
+    assert spacy_pipeline_missing("blank:en") is None
+    assert spacy_pipeline_missing(str(tmp_path / "pipeline")) is None
+    assert "spaCy" in spacy_pipeline_missing("no_such_pipeline_xyz")
+    assert spacy_pipeline_missing(str(tmp_path / "missing")) is not None

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 BAD_CONFIGS = [
     ({"bugdet": 512}, "sentencekv.bugdet"),                              # unknown key
     ({"budget": 48, "sinks": 32, "recent": 32}, "sentencekv.budget"),    # a relation between keys
+    ({"segmentation": "spacy", "spacy_model": "no_such_pipeline"}, "sentencekv.spacy_model"),   # not loadable
 ]
 
 
