@@ -180,17 +180,18 @@ def serving_table(per_policy: dict[str, Any]) -> str:
 
 
 def memory_table(rows: list[dict[str, Any]]) -> str:
+    rows = [{**r, "decode_rate": _decode_rate(r)} for r in rows]
     full = {r["ctx"]: r for r in rows if r["engine"] == "full"}
     table = []
     for r in rows:
         base = full.get(r["ctx"], {})
 
         def vs_full(key: str, r: dict = r, base: dict = base) -> float | None:
-            return r[key] / base[key] if base.get(key) else None
+            return r[key] / base[key] if base.get(key) and r.get(key) is not None else None
 
         table.append([r["ctx"], r["engine"], r["blocks_per_request"], vs_full("blocks_per_request"),
                       r["pool_blocks"], r["requests"], r["peak_running"], vs_full("peak_running"),
-                      r["tpot_s"] * 1000, _decode_rate(r), _ratio(_decode_rate(r), _decode_rate(base)),
+                      r["tpot_s"] * 1000, r["decode_rate"], vs_full("decode_rate"),
                       r.get("throughput_tok_s"), vs_full("throughput_tok_s"),
                       r.get("selection_s"), r.get("attention_s"), r["transfer_s"],
                       r.get("hot_hit_rate"), r.get("host_token_share"), r.get("swap_in_blocks"), r["preemptions"]])
@@ -205,7 +206,3 @@ def _decode_rate(row: dict[str, Any]) -> float | None:
     includes the steps a request shares with other requests' prefill chunks."""
     tpot = row.get("tpot_s")
     return row["peak_running"] / tpot if tpot and tpot == tpot and row.get("peak_running") else None
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
